@@ -1,0 +1,386 @@
+"""The image-store API: stores, images as VMDK layer chains, and containers joined to them.
+
+Layout on a datastore (compatible with VIC's port layer)::
+
+    VIC/<store>/images/<id>/<id>.vmdk            the layer disk (scratch: base disk; others: delta child)
+    VIC/<store>/images/<id>/imageMetadata/<key>  raw metadata values
+    VIC/<store>/images/<id>/manifest             empty, written last: no manifest, no image
+    <container-id>/<container-id>.vmdk           a container's read-write disk, a child of an image
+
+Parentage comes from the disk chain (``parentFileNameHint``), never from metadata.
+A layer is sealed before any child is made of it and never opened writable again.
+"""
+import logging
+import posixpath
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from . import scratch as scratch_disk
+from .errors import Exists, ImageFSError, InUse, InvalidInput, NotFound
+from .ids import SCRATCH, check_id
+from .tree import ImageTree
+from .vmdk import DiskChain, SparseExtent
+
+log = logging.getLogger("imagefs.store")
+
+ROOT_DIR = "VIC"
+DATASTORE_NAME = "local"
+
+
+@dataclass(frozen=True)
+class Image:
+    id: str
+    store: str
+    parent: str | None          # None for scratch
+    disk: str                   # datastore-relative path of the layer's VMDK
+    metadata_keys: tuple = field(default=())
+
+
+@dataclass(frozen=True)
+class Container:
+    id: str
+    store: str
+    image: str
+    disk: str
+
+
+def _store_dir(store):
+    return f"{ROOT_DIR}/{store}"
+
+
+def _images_dir(store):
+    return f"{ROOT_DIR}/{store}/images"
+
+
+def _image_dir(store, image_id):
+    return f"{_images_dir(store)}/{image_id}"
+
+
+def _disk_path(store, image_id):
+    return f"{_image_dir(store, image_id)}/{image_id}.vmdk"
+
+
+def _container_disk(container_id):
+    return f"{container_id}/{container_id}.vmdk"
+
+
+class ImageStore:
+    """All image stores of one datastore."""
+
+    def __init__(self, datastore, *, writer_method=None, workdir=None):
+        self.ds = datastore
+        self.writer_method = writer_method
+        self.workdir = workdir
+        self._cleaned = set()
+        self._trees = {}
+        self._lock = threading.Lock()
+        self.ds.mkdir(ROOT_DIR, parents=True)
+
+    # --- image stores -------------------------------------------------------------------
+    def create_store(self, name, capacity=scratch_disk.DEFAULT_CAPACITY):
+        """Create store ``name`` with its scratch image; Exists if it is there already."""
+        check_id(name, "store name")
+        self.ds.mkdir(_store_dir(name))  # atomic: raises Exists for a taken name
+        try:
+            self.ds.mkdir(_images_dir(name))
+            self.ds.mkdir(_image_dir(name, SCRATCH))
+            self.ds.mkdir(f"{_image_dir(name, SCRATCH)}/imageMetadata")
+            scratch_disk.make_scratch_disk(self.ds.local_path(_disk_path(name, SCRATCH)), capacity,
+                                           workdir=self.workdir)
+            self.ds.write_file(f"{_image_dir(name, SCRATCH)}/manifest", b"")
+        except BaseException:
+            self.ds.rmtree(_store_dir(name))
+            raise
+        self._cleaned.add(name)
+        log.info("created image store %s", name)
+        return name
+
+    def list_stores(self):
+        return [n for n in self.ds.listdir(ROOT_DIR) if self.ds.is_dir(_images_dir(n))]
+
+    def get_store(self, name):
+        """Check that store ``name`` exists; the first time, remove half-made images (no manifest)."""
+        check_id(name, "store name")
+        if not self.ds.is_dir(_images_dir(name)):
+            raise NotFound(f"image store {name} not found")
+        if name not in self._cleaned:
+            self._cleanup(name)
+            self._cleaned.add(name)
+        return name
+
+    def delete_store(self, name, force=False):
+        """Delete a store. Refused (InUse) while it holds images other than scratch, unless force."""
+        self.get_store(name)
+        images = [i for i in self._image_ids(name) if i != SCRATCH]
+        containers = [c for c in self.list_containers() if c.store == name]
+        if containers:
+            raise InUse(f"image store {name} is in use by containers: {', '.join(c.id for c in containers)}")
+        if images and not force:
+            raise InUse(f"image store {name} still holds {len(images)} image(s); delete them first or force")
+        with self.ds.lock(f"{_store_dir(name)}/.lock", exclusive=True, blocking=False) as got:
+            if not got:
+                raise InUse(f"image store {name} has a layer write in progress")
+            self._forget_trees(name)
+            self.ds.rmtree(_store_dir(name))
+        self._cleaned.discard(name)
+        log.info("deleted image store %s", name)
+
+    def _cleanup(self, store):
+        """Remove image dirs without a manifest (crashed writes); never scratch; skip while writing."""
+        with self.ds.lock(f"{_store_dir(store)}/.lock", exclusive=True, blocking=False) as got:
+            if not got:
+                return  # a write is in progress; its half-made dir is not garbage yet
+            for image_id in self.ds.listdir(_images_dir(store)):
+                d = _image_dir(store, image_id)
+                if self.ds.exists(f"{d}/manifest") and self.ds.exists(_disk_path(store, image_id)):
+                    continue
+                if image_id == SCRATCH:
+                    log.warning("store %s: scratch is incomplete; the store is probably unusable", store)
+                    continue
+                log.warning("store %s: removing incomplete image %s", store, image_id)
+                self.ds.rmtree(d)
+
+    # --- images -------------------------------------------------------------------------------
+    def _image_ids(self, store):
+        return [i for i in self.ds.listdir(_images_dir(store))
+                if self.ds.exists(f"{_image_dir(store, i)}/manifest")]
+
+    def _read_extent(self, disk):
+        handle = self.ds.open_read(disk)
+        try:
+            return SparseExtent(disk, handle)
+        finally:
+            handle.close()
+
+    def _parent_of_disk(self, disk):
+        """(parent image id or None, parent disk path) from a disk's descriptor."""
+        extent = self._read_extent(disk)
+        if not extent.parent_hint or extent.parent_cid == "ffffffff":
+            return None, None
+        parent_disk = posixpath.normpath(posixpath.join(posixpath.dirname(disk), extent.parent_hint))
+        return posixpath.basename(parent_disk)[: -len(".vmdk")], parent_disk
+
+    def get_image(self, store, image_id):
+        self.get_store(store)
+        check_id(image_id)
+        d = _image_dir(store, image_id)
+        if not self.ds.exists(f"{d}/manifest"):
+            raise NotFound(f"image {image_id} not found in store {store}")
+        disk = _disk_path(store, image_id)
+        if not self.ds.exists(disk):
+            raise NotFound(f"image {image_id} in store {store} has no disk")
+        parent = None if image_id == SCRATCH else self._parent_of_disk(disk)[0]
+        try:
+            keys = tuple(self.ds.listdir(f"{d}/imageMetadata"))
+        except NotFound:
+            keys = ()
+        return Image(image_id, store, parent, disk, keys)
+
+    def list_images(self, store, include_scratch=True):
+        self.get_store(store)
+        return [self.get_image(store, i) for i in self._image_ids(store)
+                if include_scratch or i != SCRATCH]
+
+    def children(self, store, image_id):
+        return [img.id for img in self.list_images(store, include_scratch=False) if img.parent == image_id]
+
+    def ancestors(self, store, image_id):
+        """The image's parents from the nearest up to scratch."""
+        out, img = [], self.get_image(store, image_id)
+        while img.parent is not None:
+            out.append(img.parent)
+            img = self.get_image(store, img.parent)
+        return out
+
+    def metadata(self, store, image_id):
+        img = self.get_image(store, image_id)
+        d = f"{_image_dir(store, image_id)}/imageMetadata"
+        return {k: self.ds.read_file(f"{d}/{k}") for k in img.metadata_keys}
+
+    def write_image(self, store, parent_id, image_id, stream, *, metadata=None, expected_sum=None,
+                    progress=None):
+        """Write a new layer ``image_id`` from a tar stream as a child of ``parent_id``.
+
+        Metadata is ``key -> bytes``. Any failure leaves no trace of the new image.
+        """
+        from .layer.writer import write_layer  # heavy imports only when writing
+
+        check_id(image_id)
+        if image_id == SCRATCH:
+            raise InvalidInput("scratch is made with the store; it cannot be written")
+        metadata = dict(metadata or {})
+        for key in metadata:
+            check_id(key, "metadata key")
+        try:
+            parent = self.get_image(store, parent_id)
+        except NotFound:
+            raise NotFound(f"parent image {parent_id} not found in store {store}") from None
+        with self.ds.lock(f"{_store_dir(store)}/.lock", exclusive=False):
+            d = _image_dir(store, image_id)
+            try:
+                self.ds.mkdir(d)
+            except Exists:
+                raise Exists(f"image {image_id} already exists in store {store}") from None
+            try:
+                self.ds.mkdir(f"{d}/imageMetadata")
+                result = write_layer(self.ds.local_path(parent.disk),
+                                     self.ds.local_path(_disk_path(store, image_id)), stream,
+                                     expected_sum=expected_sum, method=self.writer_method,
+                                     workdir=self.workdir, progress=progress)
+                for key, value in metadata.items():
+                    self.ds.write_file(f"{d}/imageMetadata/{key}", bytes(value))
+                self.ds.write_file(f"{d}/manifest", b"")
+            except BaseException:
+                self.ds.rmtree(d)
+                raise
+        log.info("wrote image %s/%s (parent %s, %s, %d bytes)", store, image_id, parent_id,
+                 result.digest, result.size)
+        return self.get_image(store, image_id), result
+
+    def delete_image(self, store, image_id):
+        """Delete one image; InUse while it has children or containers; scratch is refused."""
+        img = self.get_image(store, image_id)
+        if image_id == SCRATCH:
+            raise InUse(f"scratch is the base of store {store} and cannot be deleted (delete the store)")
+        kids = self.children(store, image_id)
+        if kids:
+            raise InUse(f"image {image_id} is in use by child images: {', '.join(sorted(kids))}")
+        owners = self.owners(store, image_id)
+        if owners:
+            raise InUse(f"image {image_id} is in use by containers: {', '.join(owners)}")
+        d = _image_dir(store, image_id)
+        self._forget_trees(store, image_id)
+        self.ds.remove(f"{d}/manifest")      # first: from here on the image does not exist
+        self.ds.remove(img.disk)
+        self.ds.rmtree(d)
+        log.info("deleted image %s/%s", store, image_id)
+
+    def delete_branch(self, store, image_id, keep=()):
+        """Delete a leaf and then each ancestor that became unused, stopping at scratch.
+
+        Returns the deleted IDs in order. The first image must be deletable; an ancestor
+        still in use (or listed in ``keep``) ends the walk quietly.
+        """
+        deleted = []
+        current = image_id
+        while current is not None and current != SCRATCH:
+            if current in keep:
+                if not deleted:
+                    raise InUse(f"image {current} is kept and cannot be deleted")
+                break
+            parent = self.get_image(store, current).parent
+            try:
+                self.delete_image(store, current)
+            except InUse:
+                if not deleted:
+                    raise
+                break
+            deleted.append(current)
+            current = parent
+        return deleted
+
+    # --- reading --------------------------------------------------------------------------------
+    def open_chain(self, disk):
+        return DiskChain(disk, self.ds.open_read)
+
+    def tree(self, store, image_id):
+        """The (cached) read API of a sealed image."""
+        key = (store, image_id)
+        tree = self._trees.get(key)
+        if tree is None:
+            img = self.get_image(store, image_id)
+            tree = ImageTree(self.open_chain(img.disk), name=f"{store}/{image_id}")
+            with self._lock:
+                tree = self._trees.setdefault(key, tree)
+        return tree
+
+    def _forget_trees(self, store, image_id=None):
+        with self._lock:
+            for key in [k for k in self._trees if k[0] == store and image_id in (None, k[1])]:
+                self._trees.pop(key).chain.close()
+
+    # --- usage, URLs ----------------------------------------------------------------------------
+    def layer_usage(self, store, image_id):
+        """Bytes of the VMDK files of one layer."""
+        self.get_image(store, image_id)
+        d = _image_dir(store, image_id)
+        return sum(self.ds.size(f"{d}/{n}") for n in self.ds.listdir(d) if n.endswith(".vmdk"))
+
+    def usage(self, store):
+        """Bytes of all layer VMDKs of a store, scratch excluded (as VIC counts)."""
+        self.get_store(store)
+        return sum(self.layer_usage(store, i) for i in self._image_ids(store) if not i.startswith(SCRATCH))
+
+    def datastore_path(self, store, image_id):
+        img = self.get_image(store, image_id)
+        return f"[{DATASTORE_NAME}] {img.disk}"
+
+    def url(self, store, image_id):
+        """The ``ds://`` URL of a layer's disk, escaped as VIC's url.URL.String() does."""
+        from urllib.parse import quote
+        return "ds://" + quote(self.datastore_path(store, image_id), safe="/")
+
+    # --- containers -----------------------------------------------------------------------------
+    def join(self, store, image_id, container_id):
+        """Create a container's read-write disk as a child of an image; the image is then in use."""
+        from .layer.writer import create_child_disk
+
+        check_id(container_id, "container ID")
+        img = self.get_image(store, image_id)
+        try:
+            self.ds.mkdir(container_id)
+        except Exists:
+            raise Exists(f"container {container_id} already exists") from None
+        try:
+            create_child_disk(self.ds.local_path(img.disk), self.ds.local_path(_container_disk(container_id)))
+        except BaseException:
+            self.ds.rmtree(container_id)
+            raise
+        return Container(container_id, store, image_id, _container_disk(container_id))
+
+    def list_containers(self):
+        out = []
+        for name in self.ds.listdir(""):
+            disk = _container_disk(name)
+            if name == ROOT_DIR or not self.ds.exists(disk):
+                continue
+            try:
+                parent_id, parent_disk = self._parent_of_disk(disk)
+            except ImageFSError as e:
+                log.warning("container %s: unreadable disk: %s", name, e)
+                continue
+            parts = (parent_disk or "").split("/")
+            if len(parts) == 5 and parts[0] == ROOT_DIR and parts[2] == "images":
+                out.append(Container(name, parts[1], parent_id, disk))
+        return out
+
+    def get_container(self, container_id):
+        for c in self.list_containers():
+            if c.id == container_id:
+                return c
+        raise NotFound(f"container {container_id} not found")
+
+    def owners(self, store, image_id):
+        """IDs of the containers whose read-write disk is a child of this image's disk."""
+        return sorted(c.id for c in self.list_containers() if c.store == store and c.image == image_id)
+
+    def remove_container(self, container_id):
+        c = self.get_container(container_id)
+        self.ds.rmtree(container_id)
+        return c
+
+    @contextmanager
+    def container_root(self, container_id, method=None):
+        """Mount a container's read-write disk for import; sealed images never come here."""
+        from .layer.writer import writable_mount
+
+        c = self.get_container(container_id)
+        with writable_mount(self.ds.local_path(c.disk), method=method or self.writer_method,
+                            workdir=self.workdir) as mounted:
+            yield mounted
+
+    def container_tree(self, container_id):
+        """A fresh read API of a container's disk (not cached: the disk can change)."""
+        c = self.get_container(container_id)
+        return ImageTree(self.open_chain(c.disk), name=f"container {container_id}")

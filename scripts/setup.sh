@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Install imagefs and everything it needs on Debian (bookworm or later), as root:
+# apt packages for VMDK, ext4, FUSE and tar work, then a venv in .venv with imagefs in it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  fuse3 libfuse3-dev pkg-config          # FUSE mounts (fusermount3) and building pyfuse3 if no wheel fits
+  e2fsprogs fuse2fs                      # mke2fs, e2fsck, debugfs; the unprivileged layer writer
+  qemu-utils qemu-system-common          # qemu-img; qemu-storage-daemon (in qemu-system-common)
+  libarchive13 libarchive-tools          # tar reading for imports; bsdtar as a test oracle
+  attr tar gzip bzip2 xz-utils zstd      # getfattr/setfattr; compressed layer inputs
+  umoci                                  # independent layer applier used as a test oracle
+  fio util-linux procps psmisc           # benchmarks; mount/losetup/setpriv; pkill/fuser
+  python3 python3-venv python3-dev gcc
+)
+
+need_install=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_install+=("$p")
+done
+if [ "${#need_install[@]}" -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_install[@]}"
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
