@@ -1,8 +1,9 @@
 """The read API of one sealed image: the ext4 inside its VMDK chain, as inodes.
 
 ``ImageTree`` answers lookup, stat, readdir, readlink, read and xattr questions by
-ext4 inode number (the root is 2), in-process and unprivileged, through
-dissect.extfs over a ``DiskChain``. Inode numbers are the ext4 ones, so they are
+ext4 inode number (the root is 2), in-process and unprivileged, over a
+``DiskChain``: inodes and directories are parsed by ``imagefs.ext4`` (struct over
+cached inode-table blocks), file data, symlinks and xattrs by dissect.extfs. Inode numbers are the ext4 ones, so they are
 stable, and hardlinks share one.
 
 Sealed images never change, so answers are cached freely. dissect's parser keeps
@@ -19,6 +20,7 @@ from functools import lru_cache
 from dissect.extfs import ExtFS
 from dissect.extfs import exceptions as extfs_errors
 
+from . import ext4
 from .errors import CorruptDisk, InvalidInput, NotFound
 
 ROOT_INO = 2
@@ -63,7 +65,6 @@ def _rdev(i_block):
 
 
 _INODE_HEAD = struct.Struct("<HHIIIIIHHII")
-_DIRENT = struct.Struct("<IHB")
 
 
 def _ns(seconds, extra):
@@ -84,33 +85,25 @@ class ImageTree:
         self.chain = chain
         self.name = name or chain.layers[0].path
         self._local = threading.local()
-        fs = self._fs()          # fail early on a disk that holds no ext4
+        try:
+            self.geo = ext4.Geometry(chain)
+        except CorruptDisk as e:
+            raise CorruptDisk(f"{self.name}: {e}") from None
+        fs = self._fs()          # fail early on a disk dissect cannot read
         sb = fs.sb
-        if sb.s_inode_size != 256:
-            raise CorruptDisk(f"{self.name}: ext4 inode size {sb.s_inode_size} is not supported (need 256)")
-        self.block_size = fs.block_size
+        if self.geo.inode_size != 256:
+            raise CorruptDisk(f"{self.name}: ext4 inode size {self.geo.inode_size} is not supported (need 256)")
+        self.block_size = self.geo.block_size
         self.blocks_total = fs.block_count
         self.blocks_free = (sb.s_free_blocks_count_hi << 32) | sb.s_free_blocks_count_lo
-        self.inodes_total = sb.s_inodes_count
+        self.inodes_total = self.geo.inodes_count
         self.inodes_free = sb.s_free_inodes_count
         self.label = fs.volume_name
-        self.inodes_per_group = sb.s_inodes_per_group
-        self.inode_size = sb.s_inode_size
-        self._inode_tables = [self._inode_table_block(fs, g) for g in range(fs.groups_count)]
-        self._table_block = lru_cache(maxsize=4096)(self._table_block)
         self.stat = lru_cache(maxsize=65536)(self._stat)
         self.readdir = lru_cache(maxsize=4096)(self._readdir)
         self._index = lru_cache(maxsize=4096)(self._dir_index)
         self.xattrs = lru_cache(maxsize=16384)(self._xattrs)
         self.readlink = lru_cache(maxsize=16384)(self._readlink)
-
-    @staticmethod
-    def _inode_table_block(fs, group):
-        desc = fs._read_group_desc(group)
-        table = desc.bg_inode_table_lo
-        if hasattr(desc, "bg_inode_table_hi"):
-            table |= desc.bg_inode_table_hi << 32
-        return table
 
     # --- parser per thread --------------------------------------------------------
     def _fs(self):
@@ -135,18 +128,13 @@ class ImageTree:
 
     # --- the API ---------------------------------------------------------------------
     def _raw_inode(self, ino):
-        """The 256-byte on-disk inode record, read straight from the (cached) inode table block."""
+        """The 256-byte on-disk inode record."""
         if not 1 <= ino <= self.inodes_total:
             raise CorruptDisk(f"{self.name}: inode number {ino} out of range")
-        offset = self.inode_disk_offset(ino)
-        block, within = divmod(offset, self.block_size)
-        return self._table_block(block)[within:within + self.inode_size]
-
-    def _table_block(self, block):
-        data = self.chain.pread(block * self.block_size, self.block_size)
-        if len(data) != self.block_size:
-            raise CorruptDisk(f"{self.name}: inode table block {block} lies beyond the disk")
-        return data
+        try:
+            return self.geo.record(ino)
+        except CorruptDisk as e:
+            raise CorruptDisk(f"{self.name}: {e}") from None
 
     def _stat(self, ino):
         raw = self._raw_inode(ino)
@@ -171,22 +159,21 @@ class ImageTree:
         """Entries of directory ``ino`` as a tuple of (name bytes, inode), without . and .."""
         if not self.stat(ino).is_dir:
             raise InvalidInput(f"inode {ino} is not a directory")
+        rec = self._raw_inode(ino)
         try:
-            data = self._inode(ino).open().read()
+            mapped = ext4.extent_map(self.geo, rec)
+            if mapped is not None:
+                entries = ext4.read_dir(self.geo, rec, mapped[0])
+            else:   # block-mapped (ext2/3 style) directory: let dissect find the blocks
+                entries = []
+                ext4.parse_dir_data(self._inode(ino).open().read(), self.block_size, entries)
+        except CorruptDisk as e:
+            raise CorruptDisk(f"{self.name}: directory inode {ino}: {e}") from None
         except _READ_ERRORS as e:
             raise CorruptDisk(f"{self.name}: cannot read directory inode {ino} ({e})") from None
-        entries, pos, end = [], 0, len(data)
-        while pos + 8 <= end:
-            child, rec_len, name_len = _DIRENT.unpack_from(data, pos)
-            if rec_len < 8 or pos + rec_len > end or name_len > rec_len - 8:
-                raise CorruptDisk(f"{self.name}: directory inode {ino} has a bad entry at offset {pos}")
-            if child:
-                name = data[pos + 8:pos + 8 + name_len]
-                if name != b"." and name != b"..":
-                    if child > self.inodes_total:
-                        raise CorruptDisk(f"{self.name}: directory inode {ino} names inode {child} out of range")
-                    entries.append((name, child))
-            pos += rec_len
+        for _name, child in entries:
+            if not 1 <= child <= self.inodes_total:
+                raise CorruptDisk(f"{self.name}: directory inode {ino} names inode {child} out of range")
         return tuple(entries)
 
     def _dir_index(self, ino):
@@ -221,9 +208,13 @@ class ImageTree:
             raise CorruptDisk(f"{self.name}: cannot read symlink inode {ino} ({e})") from None
 
     def _xattrs(self, ino):
-        """All xattrs of ``ino`` as a dict of name bytes to value bytes."""
+        """All xattrs of ``ino`` as getxattr shows them: a dict of name bytes to value bytes."""
+        if not ext4.has_xattrs(self._raw_inode(ino)):
+            return {}
         try:
-            return {x.name.encode("utf-8", "surrogateescape"): bytes(x.value) for x in self._inode(ino).xattr}
+            return {name: ext4.vfs_acl(value) if name in ext4.ACL_NAMES else value
+                    for name, value in ((x.name.encode("utf-8", "surrogateescape"), bytes(x.value))
+                                        for x in self._inode(ino).xattr)}
         except _READ_ERRORS as e:
             raise CorruptDisk(f"{self.name}: cannot read xattrs of inode {ino} ({e})") from None
 
@@ -264,8 +255,8 @@ class ImageTree:
 
     def inode_disk_offset(self, ino):
         """Byte offset on the virtual disk of inode ``ino``'s on-disk record."""
-        group, index = divmod(ino - 1, self.inodes_per_group)
-        return self._inode_tables[group] * self.block_size + index * self.inode_size
+        group, index = divmod(ino - 1, self.geo.inodes_per_group)
+        return self.geo.inode_tables[group] * self.block_size + index * self.geo.inode_size
 
     def walk(self, ino=ROOT_INO, prefix=b""):
         """Yield (path bytes, Stat) for every entry below ``ino``, parents first, sorted by name."""
