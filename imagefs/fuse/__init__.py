@@ -1,0 +1,14 @@
+"""The datastore as a filesystem (pyfuse3).
+
+Modules, in the order a request passes through them:
+
+- ``ops``      the pyfuse3.Operations adapter: requests in, errnos and attributes out
+- ``nodes``    the namespace (stores, images, their synthetic files) and the inode table
+- ``files``    open handles: image files, small generated files, directory snapshots
+- ``imports``  import/<new-id>: a tar written into the mount becomes a new layer
+- ``exports``  export/<ancestor>.tar: a layer diff streamed out as a file
+- ``holders``  whether any process still holds an import file open (commit-at-last-close)
+- ``names``    parsing export file names (ancestor, filter spec, headers-only)
+- ``options``  mount options
+- ``mount``    lifecycle: mount, daemonize, signals, unmount; ``helper`` for mount(8)
+"""

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Read benchmarks of the imagefs mount against its peers on the same ext4 bytes.
+
+usage: bench_fuse.py [DATA_DIR] [--runtime SECONDS]     (root; DATA_DIR default /var/tmp/imagefs-bench)
+
+DATA_DIR comes from /work/shared/bench/make-bench-data.py (tree/, layer1.tar, base.raw:
+1 GiB ext4 of tree/). base.raw has 256-byte inodes and no inline_data, so imagefs reads
+it as it is: it is converted to a monolithicSparse VMDK and made the scratch disk of a
+store ``bench``; the image ``scratch`` then holds tree/.
+
+Peers, reading base.raw itself:
+  kernel   ext4 loop mount, ro (the limit)
+  fuse2fs  fuse2fs -o ro (a userspace ext4 through FUSE)
+
+Probes, each "cold" on a fresh mount after ``echo 3 > /proc/sys/vm/drop_caches`` and
+"warm" right after:
+  seq read   dd of tree/big.bin (200 MiB), 1 MiB reads
+  find -ls   over tree/tree (20,000 files in 200 dirs)
+  4k rand    fio psync randread of big.bin, 1 and 4 jobs (fio drops the file's pages first)
+and the imagefs daemon's RSS after the walks.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+DATA = "/var/tmp/imagefs-bench"
+WORK = "/var/tmp/imagefs-bench-fuse"
+MAKE_DATA = "/work/shared/bench/make-bench-data.py"
+PYTHON = sys.executable
+BIG = "big.bin"
+TREE = "tree"
+
+
+def sh(*argv, **kw):
+    return subprocess.run(argv, check=True, capture_output=True, text=True, **kw)
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def ensure_data(data):
+    raw = os.path.join(data, "base.raw")
+    complete = (os.path.exists(raw) and os.path.getsize(raw) == 1 << 30
+                and os.path.exists(os.path.join(data, "layer1.tar"))
+                and os.path.exists(os.path.join(data, "tree", BIG)))
+    if not complete:
+        print(f"making bench data in {data}", file=sys.stderr)
+        sh(sys.executable, MAKE_DATA, data)
+    info = sh("dumpe2fs", "-h", raw).stdout
+    if "Inode size:\t          256" not in info or "inline_data" in info:
+        sys.exit("base.raw needs 256-byte inodes and no inline_data: import a tar of tree/ instead")
+    return raw
+
+
+def ensure_datastore(raw):
+    """A datastore whose store ``bench`` has base.raw (as VMDK) for scratch."""
+    ds = os.path.join(WORK, "ds")
+    image = os.path.join(ds, "VIC", "bench", "images", "scratch")
+    vmdk = os.path.join(image, "scratch.vmdk")
+    if not os.path.exists(os.path.join(image, "manifest")):
+        os.makedirs(os.path.join(image, "imageMetadata"), exist_ok=True)
+        sh("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicSparse", raw, vmdk)
+        open(os.path.join(image, "manifest"), "wb").close()
+    return ds
+
+
+class Peer:
+    def __init__(self, name, mount, root_in_mount, pid_of=None):
+        self.name = name
+        self._mount = mount
+        self.mnt = os.path.join(WORK, "mnt-" + name)
+        self.root = os.path.join(self.mnt, root_in_mount)
+        self._pid_of = pid_of
+        os.makedirs(self.mnt, exist_ok=True)
+
+    def __enter__(self):
+        self._mount(self.mnt)
+        return self
+
+    def __exit__(self, *exc):
+        subprocess.run(["umount", self.mnt], check=True)
+        time.sleep(0.2)
+
+    def rss_kib(self):
+        if self._pid_of is None:
+            return None
+        with open(f"/proc/{self._pid_of(self.mnt)}/status") as f:
+            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+
+def peers(raw, ds):
+    mount_imagefs = ("import sys; from imagefs.fuse.mount import mount; "
+                     "sys.exit(mount(sys.argv[1], sys.argv[2], options=[]))")
+    return [
+        Peer("imagefs", lambda m: sh(PYTHON, "-c", mount_imagefs, ds, m), "bench/images/scratch/rootfs",
+             pid_of=lambda m: int(os.getxattr(m, "user.imagefs.pid"))),
+        Peer("kernel", lambda m: sh("mount", "-o", "loop,ro,noload", "-t", "ext4", raw, m), ""),
+        Peer("fuse2fs", lambda m: sh("fuse2fs", "-o", "ro", raw, m), ""),
+    ]
+
+
+def seq_read(path):
+    return lambda: sh("dd", f"if={path}", "of=/dev/null", "bs=1M")
+
+
+def walk(path):
+    return lambda: subprocess.run(["find", path, "-ls"], check=True, stdout=subprocess.DEVNULL)
+
+
+def fio_iops(path, jobs, runtime):
+    out = sh("fio", "--name=rand4k", f"--filename={path}", "--rw=randread", "--bs=4k", "--ioengine=psync",
+             f"--numjobs={jobs}", "--group_reporting", "--time_based", f"--runtime={runtime}", "--readonly",
+             "--invalidate=1", "--output-format=json").stdout
+    return json.loads(out)["jobs"][0]["read"]["iops"]
+
+
+def measure(peer, runtime):
+    big = os.path.join(peer.root, BIG)
+    size_mb = os.path.getsize(os.path.join(DATA, "tree", BIG)) / 1e6
+    tree = os.path.join(peer.root, TREE)
+    r = {}
+    with peer:                        # fresh mount: nothing cached anywhere
+        drop_caches()
+        r["walk cold s"] = timed(walk(tree))
+        r["walk warm s"] = timed(walk(tree))
+        r["rss after walk MiB"] = (peer.rss_kib() or 0) / 1024 or None
+    with peer:
+        drop_caches()
+        r["seq cold MB/s"] = size_mb / timed(seq_read(big))
+        r["seq warm MB/s"] = size_mb / timed(seq_read(big))
+        r["4k rand 1 job IOPS"] = fio_iops(big, 1, runtime)
+        r["4k rand 4 jobs IOPS"] = fio_iops(big, 4, runtime)
+    return r
+
+
+def table(results):
+    cols = list(next(iter(results.values())))
+    lines = ["| peer | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, r in results.items():
+        cells = ["-" if r[c] is None else f"{r[c]:.2f}" if r[c] < 100 else f"{r[c]:,.0f}" for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    global DATA
+    runtime = 10
+    if "--runtime" in argv:
+        i = argv.index("--runtime")
+        runtime = int(argv[i + 1])
+        del argv[i:i + 2]
+    if argv:
+        DATA = argv[0]
+    os.makedirs(WORK, exist_ok=True)
+    raw = ensure_data(DATA)
+    ds = ensure_datastore(raw)
+    results = {p.name: measure(p, runtime) for p in peers(raw, ds)}
+    print(table(results))
+    with tempfile.NamedTemporaryFile("w", dir=WORK, prefix="results-", suffix=".json", delete=False) as f:
+        json.dump(results, f, indent=2)
+    print(f"(raw numbers in {f.name})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

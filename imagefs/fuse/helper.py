@@ -1,0 +1,44 @@
+"""The mount(8) and umount(8) helper (``mount_helpers/mount.imagefs`` runs it).
+
+mount(8) runs ``mount.fuse.imagefs DATASTORE MOUNTPOINT [-sfnv] [-N ns] [-o OPTS] [-t TYPE]``
+for ``mount -t fuse.imagefs`` and fstab lines; umount(8) runs
+``umount.fuse.imagefs MOUNTPOINT [-flnrv] [-N ns] [-t TYPE]`` (``-l``: lazy).
+"""
+import getopt
+import sys
+
+from .mount import mount, umount
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--umount"]:
+        return _umount(argv[1:])
+    try:
+        flags, positional = getopt.gnu_getopt(argv, "sfnvo:t:N:")
+    except getopt.GetoptError as e:
+        return _usage(e, "mount.imagefs DATASTORE MOUNTPOINT [-o OPTIONS]")
+    if len(positional) != 2:
+        return _usage("need DATASTORE and MOUNTPOINT", "mount.imagefs DATASTORE MOUNTPOINT [-o OPTIONS]")
+    if ("-f", "") in flags:
+        return 0                     # mount -f: pretend
+    return mount(positional[0], positional[1], options=[v for f, v in flags if f == "-o"])
+
+
+def _umount(argv):
+    try:
+        flags, positional = getopt.gnu_getopt(argv, "flnrvzt:N:")
+    except getopt.GetoptError as e:
+        return _usage(e, "umount.imagefs [-l] MOUNTPOINT")
+    if len(positional) != 1:
+        return _usage("need MOUNTPOINT", "umount.imagefs [-l] MOUNTPOINT")
+    return umount(positional[0], lazy=any(f in ("-l", "-z") for f, _ in flags))
+
+
+def _usage(error, usage):
+    print(f"imagefs: {error}\nusage: {usage}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
