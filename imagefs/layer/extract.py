@@ -1,0 +1,381 @@
+"""Applying a layer tar onto a directory tree, with docker ApplyLayer / OCI layer semantics.
+
+- Names lose a leading "/" and "./"; a ".." component rejects the whole layer.
+- Every path is resolved inside ``root`` as if it were "/" (confine.Root): symlinks met on
+  the way are followed within the root, the last component is never followed.
+- ``.wh.<name>`` removes a lower ``<name>``; ``.wh..wh..opq`` empties its directory of
+  everything not unpacked by this layer (wherever it appears in the stream); other
+  ``.wh..wh.*`` names are ignored; ``.wh.``, ``.wh..`` and ``.wh...`` are invalid.
+- A directory onto a directory merges; anything else replaces what is there.
+- Missing parent directories are created 0755 root-owned (docker uses 0600, which only
+  makes sense for its chroot-as-root unpacker; 0755 matches what the layer implies).
+- Owners are numeric (lchown before chmod, so setuid/setgid survive), modes exact (the
+  umask is irrelevant), xattrs binary-safe, times to the nanosecond; directory times are
+  set last, once nothing more will be written into them.
+- A hardlink only adds a name: the shared inode keeps the metadata its own entry gave it
+  (as GNU tar, bsdtar and umoci do; docker re-applies the link header's, which lets a later
+  header silently change an earlier file). A hardlink never goes through a symlink at its
+  last component.
+- Sparse entries (GNU/PAX) stay sparse: data is written at libarchive's block offsets.
+"""
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from typing import BinaryIO, Callable
+
+from ..errors import ImageFSError, InvalidInput, NoSpace
+from .confine import Root, join, remove_at, split
+from .deferred import DeferredOps, NodeMeta, is_protected_link_source, needs_privilege
+from .tarread import Entry, TarStream, open_tar
+
+WHITEOUT = b".wh."
+OPAQUE = b".wh..wh..opq"
+WHITEOUT_META = b".wh..wh."
+
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_INVALID_INPUT_ERRNOS = (errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP)
+
+
+@dataclass
+class ApplyStats:
+    entries: int
+    bytes: int
+
+
+def apply_layer(root: str, stream: BinaryIO, *,
+                path_filter: Callable[[str], str | None] | None = None,
+                whiteouts: bool = True, deferred: DeferredOps | None = None) -> ApplyStats:
+    """Apply the (maybe compressed) tar ``stream`` onto the tree at ``root``.
+
+    ``path_filter(name)`` returns the relative name to use, or None to skip the entry.
+    With ``whiteouts=False`` whiteout files are written as plain files (container import).
+    With ``deferred``, what needs privileges is recorded there instead of done.
+    """
+    applier = _Applier(root, path_filter, whiteouts, deferred)
+    try:
+        with open_tar(stream) as tar:
+            for entry in tar.entries():
+                applier.apply(entry, tar)
+        applier.set_dir_times()
+    finally:
+        applier.close()
+    return applier.stats
+
+
+def clean_name(raw: bytes) -> bytes:
+    """A tar name as a relative path: no leading "/" or "./", no empty or "." components."""
+    parts = [p for p in raw.split(b"/") if p and p != b"."]
+    if b".." in parts:
+        raise InvalidInput(f"layer entry {os.fsdecode(raw)!r} has a '..' component")
+    return b"/".join(parts)
+
+
+class _Applier:
+    def __init__(self, root, path_filter, whiteouts, deferred):
+        try:
+            self.root = Root(root)
+        except OSError as err:
+            raise ImageFSError(f"cannot open the layer root {root}: {err.strerror}") from None
+        self.path_filter = path_filter
+        self.whiteouts = whiteouts
+        self.deferred = deferred
+        self.stats = ApplyStats(0, 0)
+        self.unpacked: set[bytes] = set()      # real paths this layer wrote
+        self.ancestors: set[bytes] = set()     # their parent directories
+        self.dir_times: dict[bytes, tuple[int, int]] = {}
+
+    def close(self):
+        self.root.close()
+
+    # --- dispatch ---
+
+    def apply(self, e: Entry, tar: TarStream) -> None:
+        name = self._name(e.name)
+        if name is None:
+            return
+        parent, base = split(name)
+        try:
+            if self.whiteouts and base.startswith(WHITEOUT):
+                if base.startswith(WHITEOUT_META) and base != OPAQUE:
+                    return                      # AUFS metadata (.wh..wh.plnk etc.): ignored
+                self._whiteout(name, parent, base)
+            elif e.hardlink is not None:
+                self._hardlink(e, name, parent, base)
+            else:
+                self._node(e, name, parent, base, tar)
+        except OSError as err:
+            raise _translate(err, name) from None
+        self.stats.entries += 1
+
+    def _name(self, raw: bytes) -> bytes | None:
+        name = clean_name(raw)
+        if self.path_filter is None:
+            return name
+        mapped = self.path_filter(os.fsdecode(name))
+        return None if mapped is None else clean_name(os.fsencode(mapped))
+
+    def _parent(self, parent: bytes, name: bytes) -> int:
+        try:
+            return self.root.make_dirs(parent, self._mark)
+        except NotADirectoryError:
+            raise InvalidInput(f"cannot apply {_show(name)}: a parent is not a directory") from None
+
+    def _mark(self, real: bytes) -> None:
+        self.unpacked.add(real)
+        while real:
+            real = split(real)[0]
+            if real in self.ancestors:
+                break
+            self.ancestors.add(real)
+
+    # --- whiteouts ---
+
+    def _whiteout(self, name: bytes, parent: bytes, base: bytes) -> None:
+        if base == OPAQUE:
+            pfd = self._parent(parent, name)
+            try:
+                real = self.root.real(pfd)
+                self._clear(pfd, real)
+                self._mark(real)
+            finally:
+                os.close(pfd)
+            return
+        victim = base[len(WHITEOUT):]
+        if victim in (b"", b".", b".."):
+            raise InvalidInput(f"invalid whiteout {_show(name)}")
+        try:
+            pfd = self.root.open_dir(parent)
+        except (FileNotFoundError, NotADirectoryError):
+            return                              # nothing below to hide
+        try:
+            real = join(self.root.real(pfd), victim)
+            if real in self.unpacked:
+                return                          # whiteouts only hide lower layers
+            st = _lstat(pfd, victim)
+            if st is None:
+                return
+            if real in self.ancestors and stat.S_ISDIR(st.st_mode):   # keep what this layer put below it
+                dfd = os.open(victim, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                try:
+                    self._clear(dfd, real)
+                finally:
+                    os.close(dfd)
+            else:
+                self._remove(pfd, victim, real, st)
+        finally:
+            os.close(pfd)
+
+    def _clear(self, dfd: int, real: bytes) -> None:
+        """Remove everything in the directory that this layer did not unpack."""
+        rfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            names = [os.fsencode(n) for n in os.listdir(rfd)]
+        finally:
+            os.close(rfd)
+        for child in names:
+            path = join(real, child)
+            st = os.lstat(child, dir_fd=dfd)
+            if stat.S_ISDIR(st.st_mode) and (path in self.unpacked or path in self.ancestors):
+                cfd = os.open(child, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                try:
+                    self._clear(cfd, path)
+                finally:
+                    os.close(cfd)
+            elif path not in self.unpacked:
+                self._remove(dfd, child, path, st)
+
+    def _remove(self, dfd: int, base: bytes, real: bytes, st: os.stat_result) -> None:
+        remove_at(dfd, base, st)
+        if self.deferred is not None:
+            self.deferred.forget(real, subtree=stat.S_ISDIR(st.st_mode))
+
+    # --- entries ---
+
+    def _replace(self, pfd: int, base: bytes, real: bytes, create, merge_dir: bool = False) -> None:
+        """Run create(); if the path exists, remove it first (a directory onto a directory
+        merges instead)."""
+        if self.deferred is not None:
+            self.deferred.forget(real)
+        try:
+            create()
+        except FileExistsError:
+            st = os.lstat(base, dir_fd=pfd)
+            if not (merge_dir and stat.S_ISDIR(st.st_mode)):
+                self._remove(pfd, base, real, st)
+                create()
+        self._mark(real)
+
+    def _node(self, e: Entry, name: bytes, parent: bytes, base: bytes, tar: TarStream) -> None:
+        kind = e.filetype
+        if not name:
+            if kind != stat.S_IFDIR:
+                raise InvalidInput("layer entry for the root directory is not a directory")
+            parent, base = b"", b"."
+        if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO):
+            raise InvalidInput(f"layer entry {_show(name)} has an unsupported type ({kind:o})")
+        pfd = self._parent(parent, name)
+        try:
+            real = join(self.root.real(pfd), base) if name else b""
+            if kind == stat.S_IFREG:
+                self._regular(e, pfd, base, real, tar)
+            elif kind == stat.S_IFDIR:
+                self._replace(pfd, base, real, lambda: os.mkdir(base, 0o700, dir_fd=pfd), merge_dir=True)
+                self._set_meta(e, pfd, base, real, times=False)
+                self.dir_times[real] = (e.atime_ns, e.mtime_ns)
+            elif kind == stat.S_IFLNK:
+                if not e.symlink:
+                    raise InvalidInput(f"symlink {_show(name)} has no target")
+                self._replace(pfd, base, real, lambda: os.symlink(e.symlink, base, dir_fd=pfd))
+                self._set_meta(e, pfd, base, real, symlink=True)
+            elif kind == stat.S_IFIFO:
+                self._replace(pfd, base, real, lambda: os.mkfifo(base, 0o600, dir_fd=pfd))
+                self._set_meta(e, pfd, base, real)
+            elif self.deferred is not None:     # a device node, without the privilege to make it
+                self._replace(pfd, base, real, lambda: _absent(pfd, base))
+                self.deferred.node(real, kind, e.rdev_major, e.rdev_minor,
+                                   NodeMeta(e.perm, e.uid, e.gid, e.atime_ns, e.mtime_ns))
+                for xname, value in e.xattrs:
+                    self.deferred.xattr(real, xname, value)
+            else:
+                dev = os.makedev(e.rdev_major, e.rdev_minor)
+                self._replace(pfd, base, real, lambda: os.mknod(base, kind | 0o600, dev, dir_fd=pfd))
+                self._set_meta(e, pfd, base, real)
+        finally:
+            os.close(pfd)
+
+    def _regular(self, e: Entry, pfd: int, base: bytes, real: bytes, tar: TarStream) -> None:
+        fds = []
+        self._replace(pfd, base, real, lambda: fds.append(os.open(base, _NEW_FILE, 0o600, dir_fd=pfd)))
+        fd = fds[0]
+        try:
+            end = 0
+            for offset, block in tar.data_blocks():
+                _pwrite_all(fd, block, offset)
+                end = max(end, offset + len(block))
+                self.stats.bytes += len(block)
+            if end < e.size:                    # a trailing hole of a sparse file
+                os.ftruncate(fd, e.size)
+            os.fchown(fd, e.uid, e.gid)
+            os.fchmod(fd, e.perm)
+            self._set_xattrs(fd, real, e.xattrs)
+            os.utime(fd, ns=(e.atime_ns, e.mtime_ns))
+        finally:
+            os.close(fd)
+
+    def _hardlink(self, e: Entry, name: bytes, parent: bytes, base: bytes) -> None:
+        target = self._name(e.hardlink)
+        if not target:
+            raise InvalidInput(f"hardlink {_show(name)} has no usable target {_show(e.hardlink)}")
+        tparent, tbase = split(target)
+        try:
+            tfd = self.root.open_dir(tparent)
+        except (FileNotFoundError, NotADirectoryError):
+            raise InvalidInput(f"hardlink {_show(name)}: target {_show(target)} does not exist") from None
+        try:
+            treal = join(self.root.real(tfd), tbase)
+            tst = _lstat(tfd, tbase)
+            pending = self.deferred is not None and self.deferred.pending(treal)
+            if tst is None and not pending:
+                raise InvalidInput(f"hardlink {_show(name)}: target {_show(target)} does not exist")
+            if tst is not None and stat.S_ISDIR(tst.st_mode):
+                raise InvalidInput(f"hardlink {_show(name)}: target {_show(target)} is a directory")
+            pfd = self._parent(parent, name)
+            try:
+                real = join(self.root.real(pfd), base)
+                if real == treal:
+                    self._mark(real)
+                    return
+                if pending or (self.deferred is not None and is_protected_link_source(tst)):
+                    self._defer_link(pfd, base, real, treal)
+                    return
+                try:
+                    self._replace(pfd, base, real, lambda: os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd,
+                                                                   follow_symlinks=False))
+                except PermissionError:
+                    if self.deferred is None:
+                        raise
+                    self._defer_link(pfd, base, real, treal)    # fs.protected_hardlinks
+            finally:
+                os.close(pfd)
+        finally:
+            os.close(tfd)
+
+    def _defer_link(self, pfd: int, base: bytes, real: bytes, treal: bytes) -> None:
+        self._replace(pfd, base, real, lambda: _absent(pfd, base))
+        self.deferred.link(treal, real)
+
+    # --- metadata ---
+
+    def _set_meta(self, e: Entry, pfd: int, base: bytes, real: bytes, *,
+                  symlink: bool = False, times: bool = True) -> None:
+        os.chown(base, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
+        if not symlink:
+            os.chmod(base, e.perm, dir_fd=pfd)      # not a symlink: nothing to follow
+        if e.xattrs:
+            # lsetxattr through the parent's fd: the last component is not followed
+            self._set_xattrs(b"/proc/self/fd/%d/%s" % (pfd, base), real, e.xattrs)
+        if times:
+            os.utime(base, ns=(e.atime_ns, e.mtime_ns), dir_fd=pfd, follow_symlinks=False)
+
+    def _set_xattrs(self, target: int | bytes, real: bytes, xattrs: list[tuple[str, bytes]]) -> None:
+        for xname, value in xattrs:
+            if self.deferred is not None and needs_privilege(xname):
+                self.deferred.xattr(real, xname, value)
+                continue
+            try:
+                os.setxattr(target, xname, value, follow_symlinks=isinstance(target, int))
+            except OSError as err:
+                if err.errno == errno.EOPNOTSUPP and not xname.startswith("user."):
+                    continue                    # as docker: a namespace the fs lacks is skipped
+                raise
+
+    def set_dir_times(self) -> None:
+        for real, (atime_ns, mtime_ns) in self.dir_times.items():
+            parent, base = split(real) if real else (b"", b".")
+            try:
+                pfd = self.root.open_dir(parent)
+            except (FileNotFoundError, NotADirectoryError):
+                continue                        # replaced later in the layer
+            try:
+                st = _lstat(pfd, base)
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    os.utime(base, ns=(atime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
+            except OSError as err:
+                raise _translate(err, real) from None
+            finally:
+                os.close(pfd)
+
+
+def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:
+    try:
+        return os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+
+
+def _absent(dir_fd: int, name: bytes) -> None:
+    """A create() for _replace that makes nothing: only clears the way."""
+    if _lstat(dir_fd, name) is not None:
+        raise FileExistsError(errno.EEXIST, "exists", name)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _translate(err: OSError, name: bytes) -> ImageFSError:
+    what = f"cannot apply layer entry {_show(name)}: {err.strerror or err}"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(what)
+    if err.errno in _INVALID_INPUT_ERRNOS:
+        return InvalidInput(what)
+    failure = ImageFSError(what)
+    failure.errno = err.errno or errno.EIO
+    return failure
+
+
+def _show(path: bytes | None) -> str:
+    return repr(os.fsdecode(path or b""))

@@ -1,0 +1,168 @@
+"""Streaming tar reading with libarchive (through libarchive-c's ffi), bounded memory.
+
+Only the tar format (ustar, PAX, GNU incl. sparse) and an empty stream are accepted,
+compressed with gzip, bzip2, xz or zstd or not at all. Exceptions raised by the input
+stream are carried through libarchive and re-raised (KeyboardInterrupt as is, OSError as
+ImageFSError); libarchive's own errors become InvalidInput.
+"""
+import ctypes
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+from libarchive import ffi
+from libarchive.exception import ArchiveError
+
+from ..errors import ImageFSError, InvalidInput
+
+_FILTERS = ("gzip", "bzip2", "xz", "zstd")
+_FORMATS = ("tar", "empty")
+_READ_BLOCK = 1 << 20
+
+_lib = ffi.libarchive
+
+
+def _bind(name, argtypes, restype):
+    func = getattr(_lib, name)
+    func.argtypes, func.restype = argtypes, restype
+    return func
+
+
+# Not exposed by libarchive-c 5.3.
+_xattr_reset = _bind("archive_entry_xattr_reset", [ctypes.c_void_p], ctypes.c_int)
+_xattr_next = _bind("archive_entry_xattr_next",
+                    [ctypes.c_void_p, ctypes.POINTER(ctypes.c_char_p),
+                     ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)], ctypes.c_int)
+# Fallbacks when a PAX UTF-8 name cannot be converted to the locale's charset.
+_pathname_utf8 = _bind("archive_entry_pathname_utf8", [ctypes.c_void_p], ctypes.c_char_p)
+_hardlink_utf8 = _bind("archive_entry_hardlink_utf8", [ctypes.c_void_p], ctypes.c_char_p)
+_symlink_utf8 = _bind("archive_entry_symlink_utf8", [ctypes.c_void_p], ctypes.c_char_p)
+
+AE_IFMT = 0o170000
+
+
+@dataclass
+class Entry:
+    """One tar header, decoded. Names are raw bytes, as stored."""
+    name: bytes
+    filetype: int                 # S_IFREG, S_IFDIR... (0 for unknown)
+    perm: int                     # 07777 bits
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    size: int
+    hardlink: bytes | None
+    symlink: bytes | None
+    rdev_major: int
+    rdev_minor: int
+    xattrs: list[tuple[str, bytes]]
+
+
+class TarStream:
+    """Entries of a tar stream; ``data_blocks()`` yields the current entry's (offset, memoryview)."""
+
+    def __init__(self, archive_p):
+        self._a = archive_p
+
+    def entries(self) -> Iterator[Entry]:
+        entry_p = ffi.entry_new()
+        try:
+            while True:
+                if _call(ffi.read_next_header2, self._a, entry_p) == ffi.ARCHIVE_EOF:
+                    return
+                yield _decode(entry_p)
+        finally:
+            ffi.entry_free(entry_p)
+
+    def data_blocks(self) -> Iterator[tuple[int, memoryview]]:
+        buf, size, offset = ctypes.c_void_p(), ctypes.c_size_t(), ctypes.c_longlong()
+        while True:
+            r = _call(ffi.read_data_block, self._a, ctypes.byref(buf), ctypes.byref(size), ctypes.byref(offset))
+            if r == ffi.ARCHIVE_EOF:
+                return
+            if size.value:
+                yield offset.value, memoryview((ctypes.c_char * size.value).from_address(buf.value)).cast("B")
+
+
+def _call(func, *args):
+    try:
+        return func(*args)
+    except ArchiveError as e:
+        raise InvalidInput(f"bad layer archive: {e.msg or e}") from None
+
+
+@contextmanager
+def open_tar(stream: BinaryIO) -> Iterator[TarStream]:
+    buf = ctypes.create_string_buffer(_READ_BLOCK)
+    buf_addr = ctypes.addressof(buf)
+    view = memoryview(buf).cast("B")
+    failure: list[BaseException] = []
+    readinto = getattr(stream, "readinto", None)
+
+    def read_cb(_archive, _context, ptrptr):
+        try:
+            if readinto is not None:
+                n = readinto(view) or 0
+            else:
+                chunk = stream.read(_READ_BLOCK)
+                n = len(chunk)
+                view[:n] = chunk
+        except BaseException as e:      # noqa: B902 - must not unwind through C
+            failure.append(e)
+            return -1
+        ptrptr[0] = buf_addr
+        return n
+
+    callback = ffi.READ_CALLBACK(read_cb)
+    archive_p = ffi.read_new()
+    try:
+        for name in _FILTERS:
+            ffi.get_read_filter_function(name)(archive_p)
+        for name in _FORMATS:
+            ffi.get_read_format_function(name)(archive_p)
+        try:
+            _call(ffi.read_open, archive_p, None, ffi.NO_OPEN_CB, callback, ffi.NO_CLOSE_CB)
+            yield TarStream(archive_p)
+        except InvalidInput:
+            if not failure:
+                raise
+            if isinstance(failure[0], OSError):
+                raise ImageFSError(f"cannot read the layer stream: {failure[0].strerror or failure[0]}") \
+                    from failure[0]
+            raise failure[0] from None
+    finally:
+        ffi.read_free(archive_p)
+
+
+def _decode(e) -> Entry:
+    hardlink = ffi.entry_hardlink(e) or _hardlink_utf8(e)
+    symlink = ffi.entry_symlink(e) or _symlink_utf8(e)
+    mtime_ns = ffi.entry_mtime(e) * 1_000_000_000 + ffi.entry_mtime_nsec(e)
+    atime_ns = (ffi.entry_atime(e) * 1_000_000_000 + ffi.entry_atime_nsec(e)
+                if ffi.entry_atime_is_set(e) else mtime_ns)
+    return Entry(
+        name=ffi.entry_pathname(e) or _pathname_utf8(e) or b"",
+        filetype=ffi.entry_filetype(e) & AE_IFMT,
+        perm=ffi.entry_perm(e) & 0o7777,
+        uid=ffi.entry_uid(e),
+        gid=ffi.entry_gid(e),
+        atime_ns=atime_ns,
+        mtime_ns=mtime_ns,
+        size=ffi.entry_size(e) if ffi.entry_size_is_set(e) else 0,
+        hardlink=hardlink,
+        symlink=symlink,
+        rdev_major=ffi.entry_rdevmajor(e),
+        rdev_minor=ffi.entry_rdevminor(e),
+        xattrs=_xattrs(e),
+    )
+
+
+def _xattrs(e) -> list[tuple[str, bytes]]:
+    out = []
+    if _xattr_reset(e):
+        name, value, size = ctypes.c_char_p(), ctypes.c_void_p(), ctypes.c_size_t()
+        while _xattr_next(e, ctypes.byref(name), ctypes.byref(value), ctypes.byref(size)) == ffi.ARCHIVE_OK:
+            data = ctypes.string_at(value.value, size.value) if size.value else b""
+            out.append((name.value.decode("utf-8", "surrogateescape"), data))
+    return out
