@@ -16,6 +16,7 @@ extent maps and linear directory parsing (htree blocks read linearly, as every
 ext4 reader may). Anything unexpected raises CorruptDisk or is reported as
 "unknown" (None) so the caller can fall back to the slower, general way.
 """
+import bisect
 import functools
 import struct
 
@@ -295,6 +296,49 @@ def read_extents(geo, runs, size, chunk):
             yield data
             pos += n
     yield from _zeros(size - pos, chunk)
+
+
+class FileMap:
+    """A regular file's extent runs, ready for random reads of any range."""
+
+    def __init__(self, geo, runs, size):
+        self.geo = geo
+        self.size = size
+        self.runs = sorted(runs, key=lambda r: r[0])
+        self.starts = [r[0] for r in self.runs]
+
+    def read(self, offset, length):
+        """``length`` bytes from ``offset`` (short at end of file); holes read as zeros."""
+        end = min(self.size, offset + length)
+        if offset >= end:
+            return b""
+        bs = self.geo.block_size
+        out, pos = [], offset
+        i = max(0, bisect.bisect_right(self.starts, offset // bs) - 1)
+        while pos < end:
+            if i < len(self.runs):
+                lblk, pblk, count = self.runs[i]
+                run_start, run_end = lblk * bs, (lblk + count) * bs
+            else:
+                run_start = run_end = end
+            if pos < run_start:                 # a hole before the next run
+                n = min(run_start, end) - pos
+                out.append(bytes(n))
+            elif pos >= run_end:                # this run lies before pos
+                i += 1
+                continue
+            else:
+                n = min(run_end, end) - pos
+                if pblk is None:
+                    out.append(bytes(n))
+                else:
+                    data = self.geo.chain.pread(pblk * bs + pos - run_start, n)
+                    if len(data) != n:
+                        raise CorruptDisk(f"file data at block {pblk} lies beyond the disk")
+                    out.append(data)
+                i += 1
+            pos += n
+        return out[0] if len(out) == 1 else b"".join(out)
 
 
 def _zeros(n, chunk):

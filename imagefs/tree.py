@@ -104,6 +104,7 @@ class ImageTree:
         self._index = lru_cache(maxsize=4096)(self._dir_index)
         self.xattrs = lru_cache(maxsize=16384)(self._xattrs)
         self.readlink = lru_cache(maxsize=16384)(self._readlink)
+        self._file_map = lru_cache(maxsize=4096)(self._map_file)
 
     # --- parser per thread --------------------------------------------------------
     def _fs(self):
@@ -219,13 +220,30 @@ class ImageTree:
             raise CorruptDisk(f"{self.name}: cannot read xattrs of inode {ino} ({e})") from None
 
     def read(self, ino, offset, size):
-        """``size`` bytes of file ``ino`` from ``offset`` (short at end of file)."""
-        stream = self.open(ino)
+        """``size`` bytes of file ``ino`` from ``offset`` (short at end of file). Thread-safe."""
+        fmap = self._file_map(ino)
+        if fmap is not None:
+            try:
+                return fmap.read(offset, size)
+            except CorruptDisk as e:
+                raise CorruptDisk(f"{self.name}: inode {ino}: {e}") from None
+        stream = self.open(ino)     # block-mapped (ext2/3 style) file: dissect maps it
         stream.seek(offset)
         try:
             return stream.read(size)
         except _READ_ERRORS as e:
             raise CorruptDisk(f"{self.name}: cannot read inode {ino} ({e})") from None
+
+    def _map_file(self, ino):
+        """The extent map of a regular file, or None when it is not extent-mapped."""
+        st = self.stat(ino)
+        if not st.is_reg:
+            raise InvalidInput(f"inode {ino} is not a regular file")
+        try:
+            mapped = ext4.extent_map(self.geo, self._raw_inode(ino))
+        except CorruptDisk as e:
+            raise CorruptDisk(f"{self.name}: inode {ino}: {e}") from None
+        return None if mapped is None else ext4.FileMap(self.geo, mapped[0], st.size)
 
     def open(self, ino):
         """A seekable stream of the file's content (use from one thread only)."""

@@ -5,7 +5,8 @@ handles (imports.py, exports.py) answer the same.
 """
 import itertools
 
-from ..errors import CorruptDisk, ReadOnly
+from ..errors import ReadOnly
+from .nodes import LOW_MASK
 
 
 class HandleTable:
@@ -46,22 +47,23 @@ class Handle:
 
 
 class TreeFile(Handle):
-    """A file of an image tree. Reads are cheap local preads through a cached block map,
+    """A file of an image tree. Reads are cheap local preads through a cached extent map,
     so they run inline on the event loop (a thread hop would cost more than the read)."""
 
-    def __init__(self, ns, ino, stream):
-        self._ns = ns
+    def __init__(self, ns, ino, tree, prefetcher):
         self._ino = ino
-        self._stream = stream     # used from the event loop's thread only
+        self._tree = tree
+        self._ext4_ino = ino & LOW_MASK
+        self._size = tree.stat(self._ext4_ino).size
+        self._prefetcher = prefetcher
+        self._ns = ns
         self.idx = ino >> 32
         ns.hold(self.idx)
 
     async def read(self, off, size):
-        try:
-            self._stream.seek(off)
-            return self._stream.read(size)
-        except Exception as e:    # noqa: B902 - the parser's errors mean a broken disk
-            raise CorruptDisk(f"inode {self._ino}: cannot read at offset {off}: {e}") from None
+        data = self._tree.read(self._ext4_ino, off, size)
+        self._prefetcher.after_read(self._ino, self._tree, self._ext4_ino, self._size, off)
+        return data
 
     def release(self):
         self._ns.release(self.idx)

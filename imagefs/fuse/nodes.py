@@ -564,7 +564,11 @@ class Namespace:
         return self._tree_of(ino).xattrs(ino & LOW_MASK)
 
     def tree_open(self, ino):
-        return self._tree_of(ino).open(ino & LOW_MASK)
+        """The tree that serves reads of file ``ino`` (which must be a regular file)."""
+        tree = self._tree_of(ino)
+        if not tree.stat(ino & LOW_MASK).is_reg:
+            raise InvalidInput("not a regular file")
+        return tree
 
 
 def _id_or_none(name, what="image ID"):

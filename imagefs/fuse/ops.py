@@ -24,11 +24,13 @@ from ..ids import SCRATCH
 from .exports import ExportStream
 from .files import BytesFile, DirHandle, ExportFileHandle, HandleTable, TreeFile
 from .imports import ImportHandle
+from .prefetch import Prefetcher
 from .nodes import (LONG, NONE, ContentFile, ExportFile, ImagesDir, ImportDir, ImportFile, ParentLink, is_tree_ino)
 
 log = logging.getLogger("imagefs.fuse")
 
 BLKSIZE = 128 * 1024
+_LISTINGS_KEPT = 4096
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
@@ -97,6 +99,8 @@ class Operations(pyfuse3.Operations):
         self.exports = set()
         self.nursery = None
         self._logged = set()
+        self._listings = {}     # image directory inode -> [(name, EntryAttributes)]
+        self.prefetcher = Prefetcher()
         imports.on_finished = self._import_finished
 
     def start(self, nursery):
@@ -108,6 +112,7 @@ class Operations(pyfuse3.Operations):
         """Abort imports still receiving and stop exports; committing imports finish."""
         for stream in list(self.exports):
             stream.close()
+        self.prefetcher.close()
         await self.imports.shutdown()
 
     def _log_once(self, message):
@@ -170,14 +175,26 @@ class Operations(pyfuse3.Operations):
         handle = self.handles[fh]
         if handle.entries is None:
             if is_tree_ino(handle.ino):
-                handle.entries = self.ns.tree_listdir(handle.ino)
+                handle.entries = self._tree_listing(handle.ino)
             else:
-                handle.entries = await _in_thread(self.ns.listdir, handle.ino)
+                handle.entries = [(name, _attributes(entry))
+                                  for name, entry in await _in_thread(self.ns.listdir, handle.ino)]
         entries = handle.entries
+        reply = pyfuse3.readdir_reply
         for i in range(start_id, len(entries)):
-            name, entry = entries[i]
-            if not pyfuse3.readdir_reply(token, name, _attributes(entry), i + 1):
+            name, attrs = entries[i]
+            if not reply(token, name, attrs, i + 1):
                 break
+
+    def _tree_listing(self, ino):
+        """(name, attributes) of an image directory; images never change, so this is kept."""
+        listing = self._listings.get(ino)
+        if listing is None:
+            listing = [(name, _attributes(entry)) for name, entry in self.ns.tree_listdir(ino)]
+            if len(self._listings) >= _LISTINGS_KEPT:
+                self._listings.pop(next(iter(self._listings)))
+            self._listings[ino] = listing
+        return listing
 
     async def releasedir(self, fh):
         self.handles.pop(fh)
@@ -233,7 +250,7 @@ class Operations(pyfuse3.Operations):
         if is_tree_ino(inode):
             if writing:
                 raise pyfuse3.FUSEError(errno.EROFS)
-            handle = TreeFile(self.ns, inode, self.ns.tree_open(inode))
+            handle = TreeFile(self.ns, inode, self.ns.tree_open(inode), self.prefetcher)
             return pyfuse3.FileInfo(fh=self.handles.add(handle), keep_cache=True)
         node = self.ns.node_at(inode)
         if isinstance(node, ImportFile):
