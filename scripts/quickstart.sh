@@ -23,7 +23,7 @@ if ! "$IMAGEFS" image ls -q demo | grep -qx hello; then
   cp /etc/os-release "$work/root/etc/os-release"
   printf '#!/bin/sh\necho "hello from an imagefs layer"\n' > "$work/root/usr/share/hello/hello.sh"
   chmod 755 "$work/root/usr/share/hello/hello.sh"
-  ln -s ../share/hello/hello.sh "$work/root/usr/share/hello/link-to-hello"
+  ln -s hello.sh "$work/root/usr/share/hello/link-to-hello"
   tar -C "$work/root" --numeric-owner --owner=0 --group=0 -cf "$work/hello.tar" .
   "$IMAGEFS" image write demo scratch hello "$work/hello.tar" \
       --meta "metaData={\"comment\":\"quick start sample\"}" >/dev/null
