@@ -208,23 +208,19 @@ def cmd_container_rm(args):
 
 
 def cmd_container_import(args):
-    from .layer.extract import apply_layer
     st = _open_store(args)
-    spec = _filter_spec(args)
-    src = sys.stdin.buffer if args.file in (None, "-") else open(args.file, "rb")
-    with src, st.container_root(args.id) as mounted:
-        stats = apply_layer(mounted.root, src, path_filter=spec.to_path_filter() if spec else None,
-                            whiteouts=False, deferred=mounted.deferred)
+    if args.file in (None, "-"):
+        stats = st.container_import(args.id, sys.stdin.buffer, spec=_filter_spec(args))
+    else:
+        with open(args.file, "rb") as src:
+            stats = st.container_import(args.id, src, spec=_filter_spec(args))
     print(f"{stats.entries} entries")
 
 
 def cmd_container_export(args):
-    from .export import export_diff
     st = _open_store(args)
-    c = st.get_container(args.id)
-    new = st.container_tree(args.id)
-    old = st.tree(c.store, c.image) if args.changes else None
-    _write_stream(export_diff(new, old, spec=_filter_spec(args), data=not args.no_data), args.output)
+    _write_stream(st.container_export(args.id, changes=args.changes, spec=_filter_spec(args),
+                                      data=not args.no_data), args.output)
 
 
 # --- mount --------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from . import scratch as scratch_disk
-from .errors import Exists, ImageFSError, InUse, InvalidInput, NotFound
+from .errors import Exists, ImageFSError, InUse, InvalidInput, NotFound, ReadOnly
 from .ids import SCRATCH, check_id
 from .tree import ImageTree
 from .vmdk import DiskChain, SparseExtent
@@ -372,13 +372,52 @@ class ImageStore:
 
     @contextmanager
     def container_root(self, container_id, method=None):
-        """Mount a container's read-write disk for import; sealed images never come here."""
+        """Mount a container's read-write disk; sealed images never come here."""
         from .layer.writer import writable_mount
 
         c = self.get_container(container_id)
         with writable_mount(self.ds.local_path(c.disk), method=method or self.writer_method,
                             workdir=self.workdir) as mounted:
             yield mounted
+
+    def container_import(self, target, stream, *, spec=None, store=None):
+        """Copy a tar into a container's read-write disk, like ``docker cp`` (VIC's data sink).
+
+        Entries are filtered and renamed by ``spec`` (a FilterSpec); whiteout names are
+        plain files here. All or nothing: on failure the disk is put back as it was.
+        A sealed image is refused (ReadOnly): layers never change once written.
+        """
+        from .layer.extract import apply_layer
+
+        try:
+            c = self.get_container(target)
+        except NotFound:
+            sealed = [s for s in ([store] if store else self.list_stores())
+                      if self.ds.exists(f"{_image_dir(s, target)}/manifest")]
+            if sealed:
+                raise ReadOnly(f"image {target} in store {sealed[0]} is sealed and cannot change; "
+                               "import into a container joined to it instead") from None
+            raise
+        backup = f"{c.disk}.import-backup"
+        self.ds.copy_file(c.disk, backup)
+        try:
+            with self.container_root(target) as mounted:
+                stats = apply_layer(mounted.root, stream, path_filter=spec.to_path_filter() if spec else None,
+                                    whiteouts=False, deferred=mounted.deferred)
+        except BaseException:
+            self.ds.replace(backup, c.disk)
+            raise
+        self.ds.remove(backup)
+        return stats
+
+    def container_export(self, container_id, *, changes=False, spec=None, data=True):
+        """A tar stream of a container's tree (VIC's data source), or with ``changes`` only
+        what it changed over its image."""
+        from .export import export_diff
+
+        c = self.get_container(container_id)
+        old = self.tree(c.store, c.image) if changes else None
+        return export_diff(self.container_tree(container_id), old, spec=spec, data=data)
 
     def container_tree(self, container_id):
         """A fresh read API of a container's disk (not cached: the disk can change)."""

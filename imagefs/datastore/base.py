@@ -52,6 +52,14 @@ class Datastore(ABC):
     def remove(self, path, missing_ok=True): ...
 
     @abstractmethod
+    def copy_file(self, src, dst):
+        """Copy a file (dst is replaced)."""
+
+    @abstractmethod
+    def replace(self, src, dst):
+        """Rename ``src`` over ``dst`` atomically."""
+
+    @abstractmethod
     def rmtree(self, path, missing_ok=True): ...
 
     @abstractmethod

@@ -92,6 +92,12 @@ class LocalDatastore(Datastore):
             if not missing_ok:
                 raise NotFound(f"{path}: no such file") from None
 
+    def copy_file(self, src, dst):
+        shutil.copyfile(self.local_path(src), self.local_path(dst))
+
+    def replace(self, src, dst):
+        os.replace(self.local_path(src), self.local_path(dst))
+
     def rmtree(self, path, missing_ok=True):
         p = self.local_path(path)
         if not os.path.lexists(p):
