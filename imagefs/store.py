@@ -285,20 +285,34 @@ class ImageStore:
         return DiskChain(disk, self.ds.open_read)
 
     def tree(self, store, image_id):
-        """The (cached) read API of a sealed image."""
+        """The (cached) read API of a sealed image.
+
+        A cached tree is reused only while the image's disk still has the CID it was
+        opened with: another process may have deleted the image and written a new one
+        under the same ID (a new disk gets a new random CID).
+        """
         key = (store, image_id)
         tree = self._trees.get(key)
-        if tree is None:
-            img = self.get_image(store, image_id)
-            tree = ImageTree(self.open_chain(img.disk), name=f"{store}/{image_id}")
-            with self._lock:
-                tree = self._trees.setdefault(key, tree)
+        if tree is not None:
+            try:
+                current = self._read_extent(_disk_path(store, image_id)).cid
+            except (ImageFSError, FileNotFoundError):
+                current = None
+            if current == tree.chain.layers[0].cid and self.ds.exists(f"{_image_dir(store, image_id)}/manifest"):
+                return tree
+            self._forget_trees(store, image_id)
+        img = self.get_image(store, image_id)
+        tree = ImageTree(self.open_chain(img.disk), name=f"{store}/{image_id}")
+        with self._lock:
+            tree = self._trees.setdefault(key, tree)
         return tree
 
     def _forget_trees(self, store, image_id=None):
+        """Drop cached trees; their files close when the last user lets go (a mount may
+        still be reading an old incarnation)."""
         with self._lock:
             for key in [k for k in self._trees if k[0] == store and image_id in (None, k[1])]:
-                self._trees.pop(key).chain.close()
+                del self._trees[key]
 
     # --- usage, URLs ----------------------------------------------------------------------------
     def layer_usage(self, store, image_id):

@@ -353,3 +353,16 @@ def test_written_layers_pass_fsck_and_qemu_check(st, store, ds_root):
     raw = os.path.join(ds_root, "flat.raw")
     run(["qemu-img", "convert", "-O", "raw", disk, raw])
     assert subprocess.run(["e2fsck", "-fn", raw], capture_output=True).returncode == 0
+
+
+def test_tree_cache_follows_a_recreated_image(st, store, ds_root):
+    """Another process deletes an image and writes a new one under the same ID."""
+    write(st, store, "scratch", "x", layer_tar(1))
+    assert st.tree(store, "x").resolve("/dir1")
+    other = ImageStore(open_datastore(ds_root))
+    other.delete_image(store, "x")
+    write(other, store, "scratch", "x", layer_tar(2))
+    tree = st.tree(store, "x")
+    assert tree.resolve("/dir2")
+    with pytest.raises(NotFound):
+        tree.resolve("/dir1")

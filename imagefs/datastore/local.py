@@ -10,6 +10,8 @@ from .base import Datastore, ReadHandle
 
 
 class LocalReadHandle(ReadHandle):
+    fd = -1
+
     def __init__(self, path):
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
@@ -20,6 +22,8 @@ class LocalReadHandle(ReadHandle):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    __del__ = close
 
 
 class LocalDatastore(Datastore):
