@@ -9,7 +9,7 @@ APT_PACKAGES=(
   e2fsprogs fuse2fs                      # mke2fs, e2fsck, debugfs; the unprivileged layer writer
   qemu-utils qemu-system-common          # qemu-img; qemu-storage-daemon (in qemu-system-common)
   libarchive13 libarchive-tools          # tar reading for imports; bsdtar as a test oracle
-  attr tar gzip bzip2 xz-utils zstd      # getfattr/setfattr; compressed layer inputs
+  attr acl tar gzip bzip2 xz-utils zstd  # getfattr/setfattr, setfacl/getfacl; compressed layer inputs
   umoci                                  # independent layer applier used as a test oracle
   fio util-linux procps psmisc           # benchmarks; mount/losetup/setpriv; pkill/fuser
   python3 python3-venv python3-dev gcc

@@ -17,6 +17,9 @@
   header silently change an earlier file). A hardlink never goes through a symlink at its
   last component.
 - Sparse entries (GNU/PAX) stay sparse: data is written at libarchive's block offsets.
+- POSIX ACLs come as xattrs or as SCHILY.acl.* records (tarread turns those into xattrs).
+  A new node keeps exactly the ACLs its entry carries: the kernel would otherwise hand it
+  its directory's default ACL, and fuse2fs would not, so both writers agree.
 """
 import errno
 import os
@@ -27,7 +30,7 @@ from typing import BinaryIO, Callable
 from ..errors import ImageFSError, InvalidInput, NoSpace
 from .confine import Root, join, remove_at, split
 from .deferred import DeferredOps, NodeMeta, is_protected_link_source, needs_privilege
-from .tarread import Entry, TarStream, open_tar
+from .tarread import ACL_ACCESS_XATTR, ACL_DEFAULT_XATTR, Entry, TarStream, open_tar
 
 WHITEOUT = b".wh."
 OPAQUE = b".wh..wh..opq"
@@ -192,19 +195,23 @@ class _Applier:
 
     # --- entries ---
 
-    def _replace(self, pfd: int, base: bytes, real: bytes, create, merge_dir: bool = False) -> None:
+    def _replace(self, pfd: int, base: bytes, real: bytes, create, merge_dir: bool = False) -> bool:
         """Run create(); if the path exists, remove it first (a directory onto a directory
-        merges instead)."""
+        merges instead). True if a new node was made."""
         if self.deferred is not None:
             self.deferred.forget(real)
+        created = True
         try:
             create()
         except FileExistsError:
             st = os.lstat(base, dir_fd=pfd)
-            if not (merge_dir and stat.S_ISDIR(st.st_mode)):
+            if merge_dir and stat.S_ISDIR(st.st_mode):
+                created = False
+            else:
                 self._remove(pfd, base, real, st)
                 create()
         self._mark(real)
+        return created
 
     def _node(self, e: Entry, name: bytes, parent: bytes, base: bytes, tar: TarStream) -> None:
         kind = e.filetype
@@ -220,7 +227,10 @@ class _Applier:
             if kind == stat.S_IFREG:
                 self._regular(e, pfd, base, real, tar)
             elif kind == stat.S_IFDIR:
-                self._replace(pfd, base, real, lambda: os.mkdir(base, 0o700, dir_fd=pfd), merge_dir=True)
+                created = self._replace(pfd, base, real, lambda: os.mkdir(base, 0o700, dir_fd=pfd),
+                                        merge_dir=True)
+                if created:
+                    _drop_inherited_acls(b"/proc/self/fd/%d/%s" % (pfd, base), e, directory=True)
                 self._set_meta(e, pfd, base, real, times=False)
                 self.dir_times[real] = (e.atime_ns, e.mtime_ns)
             elif kind == stat.S_IFLNK:
@@ -230,6 +240,7 @@ class _Applier:
                 self._set_meta(e, pfd, base, real, symlink=True)
             elif kind == stat.S_IFIFO:
                 self._replace(pfd, base, real, lambda: os.mkfifo(base, 0o600, dir_fd=pfd))
+                _drop_inherited_acls(b"/proc/self/fd/%d/%s" % (pfd, base), e)
                 self._set_meta(e, pfd, base, real)
             elif self.deferred is not None:     # a device node, without the privilege to make it
                 self._replace(pfd, base, real, lambda: _absent(pfd, base))
@@ -240,6 +251,7 @@ class _Applier:
             else:
                 dev = os.makedev(e.rdev_major, e.rdev_minor)
                 self._replace(pfd, base, real, lambda: os.mknod(base, kind | 0o600, dev, dir_fd=pfd))
+                _drop_inherited_acls(b"/proc/self/fd/%d/%s" % (pfd, base), e)
                 self._set_meta(e, pfd, base, real)
         finally:
             os.close(pfd)
@@ -256,6 +268,7 @@ class _Applier:
                 self.stats.bytes += len(block)
             if end < e.size:                    # a trailing hole of a sparse file
                 os.ftruncate(fd, e.size)
+            _drop_inherited_acls(fd, e)
             os.fchown(fd, e.uid, e.gid)
             os.fchmod(fd, e.perm)
             self._set_xattrs(fd, real, e.xattrs)
@@ -345,6 +358,19 @@ class _Applier:
                 raise _translate(err, real) from None
             finally:
                 os.close(pfd)
+
+
+def _drop_inherited_acls(target: int | bytes, e: Entry, directory: bool = False) -> None:
+    """A new node in a directory with a default ACL inherits it (kernel ext4; not fuse2fs).
+    The layer says exactly which ACLs a node has, so drop those its entry does not carry."""
+    carried = {name for name, _ in e.xattrs}
+    for name in (ACL_ACCESS_XATTR, ACL_DEFAULT_XATTR) if directory else (ACL_ACCESS_XATTR,):
+        if name not in carried:
+            try:
+                os.removexattr(target, name, follow_symlinks=isinstance(target, int))
+            except OSError as err:
+                if err.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                    raise
 
 
 def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:

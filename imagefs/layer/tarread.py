@@ -6,6 +6,7 @@ stream are carried through libarchive and re-raised (KeyboardInterrupt as is, OS
 ImageFSError); libarchive's own errors become InvalidInput.
 """
 import ctypes
+import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
@@ -33,12 +34,25 @@ _xattr_reset = _bind("archive_entry_xattr_reset", [ctypes.c_void_p], ctypes.c_in
 _xattr_next = _bind("archive_entry_xattr_next",
                     [ctypes.c_void_p, ctypes.POINTER(ctypes.c_char_p),
                      ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)], ctypes.c_int)
+_acl_reset = _bind("archive_entry_acl_reset", [ctypes.c_void_p, ctypes.c_int], ctypes.c_int)
+_acl_next = _bind("archive_entry_acl_next",
+                  [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int),
+                   ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_char_p)],
+                  ctypes.c_int)
 # Fallbacks when a PAX UTF-8 name cannot be converted to the locale's charset.
 _pathname_utf8 = _bind("archive_entry_pathname_utf8", [ctypes.c_void_p], ctypes.c_char_p)
 _hardlink_utf8 = _bind("archive_entry_hardlink_utf8", [ctypes.c_void_p], ctypes.c_char_p)
 _symlink_utf8 = _bind("archive_entry_symlink_utf8", [ctypes.c_void_p], ctypes.c_char_p)
 
 AE_IFMT = 0o170000
+
+# POSIX ACLs: libarchive's entry types and tags -> the Linux xattr form (version 2 records)
+ACL_ACCESS_XATTR = "system.posix_acl_access"
+ACL_DEFAULT_XATTR = "system.posix_acl_default"
+_ACL_TYPES = ((0x100, ACL_ACCESS_XATTR), (0x200, ACL_DEFAULT_XATTR))
+_ACL_TAGS = {10002: 0x01, 10001: 0x02, 10004: 0x04, 10003: 0x08, 10005: 0x10, 10006: 0x20}
+_ACL_NO_ID = 0xFFFFFFFF
+_ACL_MASK_TAG = 0x10
 
 
 @dataclass
@@ -141,10 +155,12 @@ def _decode(e) -> Entry:
     mtime_ns = ffi.entry_mtime(e) * 1_000_000_000 + ffi.entry_mtime_nsec(e)
     atime_ns = (ffi.entry_atime(e) * 1_000_000_000 + ffi.entry_atime_nsec(e)
                 if ffi.entry_atime_is_set(e) else mtime_ns)
+    xattrs = _xattrs(e)
+    xattrs += _acl_xattrs(e, {name for name, _ in xattrs})
     return Entry(
         name=ffi.entry_pathname(e) or _pathname_utf8(e) or b"",
         filetype=ffi.entry_filetype(e) & AE_IFMT,
-        perm=ffi.entry_perm(e) & 0o7777,
+        perm=_perm_with_mask(ffi.entry_perm(e) & 0o7777, dict(xattrs).get(ACL_ACCESS_XATTR)),
         uid=ffi.entry_uid(e),
         gid=ffi.entry_gid(e),
         atime_ns=atime_ns,
@@ -154,8 +170,43 @@ def _decode(e) -> Entry:
         symlink=symlink,
         rdev_major=ffi.entry_rdevmajor(e),
         rdev_minor=ffi.entry_rdevminor(e),
-        xattrs=_xattrs(e),
+        xattrs=xattrs,
     )
+
+
+def _acl_xattrs(e, present) -> list[tuple[str, bytes]]:
+    """POSIX ACLs stored as SCHILY.acl.* (bsdtar, GNU tar --acls), as the xattrs Linux keeps
+    them in, unless the entry already carries those xattrs (GNU tar --xattrs)."""
+    out = []
+    kind, perm, tag, qual, name = (ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.c_int(),
+                                   ctypes.c_char_p())
+    for acl_type, xattr in _ACL_TYPES:
+        if xattr in present or not _acl_reset(e, acl_type):
+            continue
+        records = []
+        while _acl_next(e, acl_type, ctypes.byref(kind), ctypes.byref(perm), ctypes.byref(tag),
+                        ctypes.byref(qual), ctypes.byref(name)) == ffi.ARCHIVE_OK:
+            linux_tag = _ACL_TAGS.get(tag.value)
+            if linux_tag is None:
+                raise InvalidInput(f"layer entry has an ACL entry of unknown kind {tag.value}")
+            ident = qual.value if linux_tag in (0x02, 0x08) else _ACL_NO_ID
+            records.append((linux_tag, ident, perm.value & 7))
+        if records:
+            out.append((xattr, struct.pack("<I", 2) + b"".join(
+                struct.pack("<HHI", t, p, i) for t, i, p in sorted(records))))
+    return out
+
+
+def _perm_with_mask(perm, access_acl):
+    """With an access ACL that has a mask, the mode's group bits are that mask (POSIX.1e).
+    libarchive puts the ACL's group:: entry there instead, and bsdtar's header stores that."""
+    if not access_acl:
+        return perm
+    for off in range(4, len(access_acl) - 7, 8):
+        tag, mask = struct.unpack_from("<HH", access_acl, off)
+        if tag == _ACL_MASK_TAG:
+            return (perm & ~0o070) | ((mask & 7) << 3)
+    return perm
 
 
 def _xattrs(e) -> list[tuple[str, bytes]]:
