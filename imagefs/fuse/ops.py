@@ -177,8 +177,9 @@ class Operations(pyfuse3.Operations):
             if is_tree_ino(handle.ino):
                 handle.entries = self._tree_listing(handle.ino)
             else:
-                handle.entries = [(name, _attributes(entry))
-                                  for name, entry in await _in_thread(self.ns.listdir, handle.ino)]
+                own = _attributes(await _in_thread(self.ns.getattr, handle.ino))
+                handle.entries = [(b".", own), (b"..", own)] + [
+                    (name, _attributes(entry)) for name, entry in await _in_thread(self.ns.listdir, handle.ino)]
         entries = handle.entries
         reply = pyfuse3.readdir_reply
         for i in range(start_id, len(entries)):
@@ -190,7 +191,10 @@ class Operations(pyfuse3.Operations):
         """(name, attributes) of an image directory; images never change, so this is kept."""
         listing = self._listings.get(ino)
         if listing is None:
-            listing = [(name, _attributes(entry)) for name, entry in self.ns.tree_listdir(ino)]
+            # "." and ".." for ls -a; the kernel resolves both itself and ignores their attributes
+            own = _attributes(self.ns.tree_entry(ino))
+            listing = [(b".", own), (b"..", own)] + [
+                (name, _attributes(entry)) for name, entry in self.ns.tree_listdir(ino)]
             if len(self._listings) >= _LISTINGS_KEPT:
                 self._listings.pop(next(iter(self._listings)))
             self._listings[ino] = listing
