@@ -1,13 +1,15 @@
 """The diff engine on real images: VIC's diff_test cases, docker's rules, one-chain fast path."""
 import os
 import subprocess
+import tarfile
 
 import pytest
 
 from export_fixtures import A, ADDED, B, CHANGED, DIRS, MTIME, REMOVED, VIC_CHANGES, vic, write_file  # noqa: F401
-from export_helpers import Store
+from export_helpers import Store, dump_dir, dump_tree, members
 from helpers import make_tar
-from imagefs.export import Change, diff_changes
+from imagefs.export import Change, diff_changes, export_diff
+from oracles import gnu_tar, umoci_apply
 
 def kinds(changes):
     return {c.path.decode(): c.kind for c in changes}
@@ -183,3 +185,28 @@ def test_very_deep_trees_need_no_recursion(tmp_path):
     top = store.layer("base", "top", make_tar([(leaf, "file", {"data": b"x"})]))
     assert kinds(checked_changes(top, base)) == {"/" + "/".join(["d"] * i): "C" for i in range(1, depth + 1)} | {
         "/" + leaf: "A"}
+
+
+# --- regressions found by tests/test_diff_property.py ------------------------------------
+def test_hardlinked_fifos_devices_and_symlinks_stay_linked_in_the_tar(tmp_path):
+    """Every name after the first of any multiply-linked non-directory is a hardlink entry.
+    The tar writer used to link regular files only and wrote each name of a linked FIFO,
+    device or symlink as a node of its own, so GNU tar and umoci split the inode."""
+    store = Store(tmp_path / "store")
+    os.mkdir(tmp_path / "empty")
+    store.base_from_dir("base", str(tmp_path / "empty"), size="16M")
+    low = store.layer("base", "low", make_tar([
+        ("p", "fifo", {}), ("p2", "link", {"target": "p"}),
+        ("c", "chr", {"major": 300, "minor": 70000}), ("c2", "link", {"target": "c"}),
+        ("s", "symlink", {"target": "nowhere"}), ("s2", "link", {"target": "s"})]))
+    top = store.layer("low", "top", make_tar([("p3", "link", {"target": "p"})]))   # new link to a lower FIFO
+    full, diff = b"".join(export_diff(low, None)), b"".join(export_diff(top, low))
+    links = {n: (i.type, i.linkname) for n, (i, _) in members(full).items() if n[-1] == "2"}
+    assert links == {"p2": (tarfile.LNKTYPE, "p"), "c2": (tarfile.LNKTYPE, "c"), "s2": (tarfile.LNKTYPE, "s")}
+    got = members(diff)
+    assert got["p"][0].isfifo() and [got[n][0].linkname for n in ("p2", "p3")] == ["p", "p"]
+    out = tmp_path / "gnu"
+    os.mkdir(out)
+    gnu_tar("-xpf", "-", "-C", str(out), tar_bytes=full)
+    assert dump_dir(out) == dump_tree(low)
+    assert dump_dir(umoci_apply(str(tmp_path / "umoci"), [full, diff])) == dump_tree(top)

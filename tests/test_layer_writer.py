@@ -19,6 +19,7 @@ import time
 import pytest
 
 from imagefs.errors import Exists, InvalidInput, NoSpace, NotFound, SumMismatch, ToolFailed
+from imagefs.layer import fsmount
 from imagefs.layer.writer import create_child_disk, resolve_method, writable_mount, write_layer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE, loop mounts)")
@@ -502,15 +503,29 @@ def test_writable_mount(method, layer_base_disk, layer_flat_view, tmp_path, work
 
 
 @pytest.mark.parametrize("method", ["kernel", "fuse2fs"])
-def test_busy_mount_is_still_cleaned_up(method, layer_base_disk, tmp_path, work):
-    """Something else keeps the layer busy at unmount: a clear error, and nothing left."""
+def test_busy_mount_is_still_cleaned_up(method, layer_base_disk, tmp_path, work, monkeypatch):
+    """Something else keeps the layer busy at unmount for longer than the retries: a clear
+    error, and nothing left."""
+    monkeypatch.setattr(fsmount, "BUSY_RETRY_SECONDS", 0.5)
     child = child_of(tmp_path)
     create_child_disk(layer_base_disk.vmdk, child)
     with pytest.raises(ToolFailed, match="busy"):
         with writable_mount(child, method=method, workdir=work) as layer:
-            holder = subprocess.Popen(["sleep", "2"], cwd=layer.root)
+            holder = subprocess.Popen(["sleep", "3"], cwd=layer.root)
     holder.wait()
     assert_nothing_left(work)
+
+
+@pytest.mark.parametrize("method", ["kernel", "fuse2fs"])
+def test_briefly_busy_mount_is_unmounted_after_a_retry(method, layer_base_disk, tmp_path, work):
+    """A moment of "busy" (another thread's fork holding a descriptor) is waited out."""
+    child = child_of(tmp_path)
+    create_child_disk(layer_base_disk.vmdk, child)
+    with writable_mount(child, method=method, workdir=work) as layer:
+        holder = subprocess.Popen(["sleep", "0.5"], cwd=layer.root)
+    holder.wait()
+    assert_nothing_left(work)
+    subprocess.run(["qemu-img", "check", "-q", child], check=True)
 
 
 def test_not_a_vmdk_reports_qsd_error(tmp_path, work):

@@ -90,18 +90,22 @@ class _Writer:
             info.pax_headers["SCHILY.xattr.change_type"] = change.kind
         body = None
         info.type = _TYPES[kind]
-        if kind == statmod.S_IFREG and st.nlink > 1 and change.ino in self.first_name:
+        # Any non-directory can have several names, not only a regular file: a FIFO, device
+        # or symlink written once per name would come out of the tar as separate inodes
+        # (GNU tar and bsdtar hardlink every multiply-linked non-directory the same way).
+        linked = kind != statmod.S_IFDIR and st.nlink > 1
+        if linked and change.ino in self.first_name:
             info.type, info.linkname = tarfile.LNKTYPE, self.first_name[change.ino]
-        elif kind == statmod.S_IFREG:
-            if st.nlink > 1:
+        else:
+            if linked:
                 self.first_name[change.ino] = info.name
-            if self.data:
+            if kind == statmod.S_IFREG and self.data:
                 info.size = st.size
                 body = change.ino
-        elif kind == statmod.S_IFLNK:
-            info.linkname = self.tree.readlink(change.ino).decode("utf-8", "surrogateescape")
-        elif kind in (statmod.S_IFCHR, statmod.S_IFBLK):
-            info.devmajor, info.devminor = os.major(st.rdev), os.minor(st.rdev)
+            elif kind == statmod.S_IFLNK:
+                info.linkname = self.tree.readlink(change.ino).decode("utf-8", "surrogateescape")
+            elif kind in (statmod.S_IFCHR, statmod.S_IFBLK):
+                info.devmajor, info.devminor = os.major(st.rdev), os.minor(st.rdev)
         yield self._header(info)
         if body is not None:
             yield from self._body(body, st.size)

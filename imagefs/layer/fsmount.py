@@ -10,12 +10,14 @@ Both run in their own session so a terminal Ctrl-C reaches only us, and we unmou
 import os
 import signal
 import subprocess
+import time
 
 from ..errors import ToolFailed
 from .tools import hold_interrupts, is_mounted, mount_source, read_tail, run, wait_until
 
 MOUNT_TIMEOUT = 30.0
 EXIT_TIMEOUT = 120.0        # fuse2fs flushes its caches on exit
+BUSY_RETRY_SECONDS = 10.0
 KERNEL_OPTIONS = "loop,noinit_itable,noatime,nosuid,nodev"
 
 
@@ -70,10 +72,10 @@ class Mount:
 
     def _stop(self) -> None:
         if self.method == "kernel":
-            run(["umount", self.target], "umount")
+            _unmount_retrying(["umount", self.target], "umount")
             self._wait_loop_detached()
         else:
-            run(["fusermount3", "-u", self.target], "fusermount3 -u")
+            _unmount_retrying(["fusermount3", "-u", self.target], "fusermount3 -u")
             self._wait_fuse2fs(EXIT_TIMEOUT)
 
     def _kill(self) -> None:
@@ -119,3 +121,18 @@ class Mount:
             raise ToolFailed(f"fuse2fs did not exit within {timeout:.0f} s of the unmount") from None
         if code != 0:
             raise ToolFailed(f"fuse2fs exited with {code}: {read_tail(self._log)}")
+
+
+def _unmount_retrying(cmd: list[str], what: str) -> None:
+    """Unmount; "busy" is retried for a while. Another thread's fork() briefly holds copies of
+    every descriptor of this process, including one a concurrent write has open inside this
+    mount, until the child execs and its close-on-exec descriptors go."""
+    deadline = time.monotonic() + BUSY_RETRY_SECONDS
+    while True:
+        try:
+            run(cmd, what)
+            return
+        except ToolFailed as err:
+            if "busy" not in str(err) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
