@@ -271,11 +271,6 @@ class ImageTree:
             pos += length
         return ranges
 
-    def inode_disk_offset(self, ino):
-        """Byte offset on the virtual disk of inode ``ino``'s on-disk record."""
-        group, index = divmod(ino - 1, self.geo.inodes_per_group)
-        return self.geo.inode_tables[group] * self.block_size + index * self.geo.inode_size
-
     def walk(self, ino=ROOT_INO, prefix=b""):
         """Yield (path bytes, Stat) for every entry below ``ino``, parents first, sorted by name."""
         for name, child in sorted(self.readdir(ino)):

@@ -14,6 +14,7 @@ import posixpath
 import re
 import struct
 import threading
+from functools import cached_property
 
 from .errors import CorruptDisk
 
@@ -49,13 +50,23 @@ class SparseExtent:
         self.cid = self.descriptor.get("CID", "").lower()
         self.parent_cid = self.descriptor.get("parentCID", _NO_PARENT_CID).lower()
         self.parent_hint = self.descriptor.get("parentFileNameHint")
-        span = self.grain_sectors * self.gtes_per_gt
-        n_gdes = (self.capacity + span - 1) // span
-        gd = handle.pread(self.gd_offset * SECTOR, n_gdes * 4)
-        if len(gd) != n_gdes * 4:
-            raise CorruptDisk(f"{path}: grain directory is truncated")
-        self.grain_directory = struct.unpack(f"<{n_gdes}I", gd)
         self._zeroed_gte = bool(self.flags & _FLAG_ZEROED_GTE)
+
+    @property
+    def n_spans(self):
+        """How many grain tables (and grain-directory entries) cover the capacity."""
+        span = self.grain_sectors * self.gtes_per_gt
+        return (self.capacity + span - 1) // span
+
+    @cached_property
+    def grain_directory(self):
+        """Sector of each grain table (0 = none here). Read on first use: a look at the
+        descriptor (parent, CID) needs none of it."""
+        n_gdes = self.n_spans
+        gd = self.handle.pread(self.gd_offset * SECTOR, n_gdes * 4)
+        if len(gd) != n_gdes * 4:
+            raise CorruptDisk(f"{self.path}: grain directory is truncated")
+        return struct.unpack(f"<{n_gdes}I", gd)
 
     def grain_table(self, index):
         """The grain table ``index`` as a tuple of sector numbers (0 = not here, -1 = zero grain)."""
@@ -131,6 +142,7 @@ class DiskChain:
         self.size = top.size
         self.grain_size = top.grain_size
         self._gtes = top.gtes_per_gt
+        self._spans = top.n_spans
         self._merged = {}
         self._lock = threading.Lock()
 
@@ -170,7 +182,7 @@ class DiskChain:
             grain, within = divmod(offset, gsize)
             take = min(length, gsize - within)
             gdi, gti = divmod(grain, self._gtes)
-            if gdi >= len(self.layers[0].grain_directory):
+            if gdi >= self._spans:
                 raise CorruptDisk(f"{self.layers[0].path}: read beyond the grain directory")
             entry = self._merged_table(gdi)[gti]
             if entry is None or entry[1] == -1:
@@ -182,7 +194,7 @@ class DiskChain:
                 while run < length:
                     ng = grain + (run + within) // gsize
                     ngdi, ngti = divmod(ng, self._gtes)
-                    if ngdi >= len(self.layers[0].grain_directory):
+                    if ngdi >= self._spans:
                         break
                     nxt = self._merged_table(ngdi)[ngti]
                     if nxt is None or nxt[0] is not layer or nxt[1] != sector + (ng - grain) * (gsize // SECTOR):
@@ -196,10 +208,6 @@ class DiskChain:
             offset += take
             length -= take
         return out[0] if len(out) == 1 else b"".join(out)
-
-    def top_allocated_grains(self):
-        """Grain indices written by the top layer itself (what this layer changed)."""
-        return set(self.layers[0].allocated_grains())
 
     def file(self):
         """A new seekable read-only file object over the chain (one per thread)."""
