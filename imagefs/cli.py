@@ -52,7 +52,7 @@ class Progress:
 # --- store --------------------------------------------------------------------------------------
 def cmd_store_create(args):
     st = _open_store(args)
-    st.create_store(args.name, capacity=args.capacity)
+    st.create_store(args.name, capacity=args.capacity, disk_format=args.disk_format)
     print(args.name)
 
 
@@ -259,6 +259,9 @@ def build_parser():
     c = store.add_parser("create", help="create a store with its scratch image")
     c.add_argument("name")
     c.add_argument("--capacity", default="8GB", help="scratch disk capacity (default 8GB)")
+    c.add_argument("--disk-format", choices=["monolithicSparse", "vmfsSparse", "seSparse"],
+                   help="createType of the store's layers (default: the datastore's; monolithicSparse "
+                        "locally); vmfsSparse and seSparse are ESXi delta formats")
     c.set_defaults(func=cmd_store_create)
     store.add_parser("ls", help="list stores").set_defaults(func=cmd_store_ls)
     c = store.add_parser("rm", help="delete a store")

@@ -5,7 +5,8 @@ VIC's createBaseStructure made (exact modes, whatever the umask). The filesystem
 is made on a sparse raw file with inode tables zeroed up front (so later kernel
 mounts of children have no lazy-init writes to copy into every layer), 256-byte
 inodes and no inline_data (what the read path supports), then converted to a
-monolithicSparse VMDK (qemu-img skips zero grains).
+monolithicSparse VMDK (qemu-img skips zero grains), or kept as the thin flat extent
+of a ``vmfs`` disk for stores whose layers ESXi must accept (vmdk/layer_format.py).
 """
 import os
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import tempfile
 
 from .errors import InvalidInput, ToolFailed
+from .vmdk.flat import write_vmfs_descriptor
 
 LABEL = "containerfs"
 DEFAULT_CAPACITY = 8_000_000_000  # "8GB" as VIC's --base-image-size default
@@ -43,8 +45,9 @@ def parse_size(text):
     return int(value * _UNITS[unit])
 
 
-def make_scratch_disk(vmdk_path, capacity=DEFAULT_CAPACITY, workdir=None):
-    """Create the scratch VMDK at ``vmdk_path`` (a host path)."""
+def make_scratch_disk(vmdk_path, capacity=DEFAULT_CAPACITY, workdir=None, base_format="monolithicSparse"):
+    """Create the scratch VMDK at ``vmdk_path`` (a host path) as ``base_format``
+    (monolithicSparse, or vmfs: a descriptor and a thin ``-flat.vmdk``)."""
     capacity = parse_size(capacity)
     if capacity < MIN_CAPACITY:
         raise InvalidInput(f"scratch capacity {capacity} is too small (minimum {MIN_CAPACITY} bytes)")
@@ -58,8 +61,13 @@ def make_scratch_disk(vmdk_path, capacity=DEFAULT_CAPACITY, workdir=None):
             f.truncate(capacity)
         _run(["mke2fs", "-q", "-F", "-t", "ext4", "-I", "256", "-O", "^inline_data", "-L", LABEL,
               "-E", "lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0", "-d", skel, raw])
-        _run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicSparse",
-              raw, vmdk_path])
+        if base_format == "vmfs":
+            flat = vmdk_path.removesuffix(".vmdk") + "-flat.vmdk"
+            shutil.move(raw, flat)
+            write_vmfs_descriptor(vmdk_path, flat, capacity)
+        else:
+            _run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicSparse",
+                  raw, vmdk_path])
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

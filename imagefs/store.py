@@ -5,6 +5,7 @@ Layout on a datastore (compatible with VIC's port layer)::
     VIC/<store>/images/<id>/<id>.vmdk            the layer disk (scratch: base disk; others: delta child)
     VIC/<store>/images/<id>/imageMetadata/<key>  raw metadata values
     VIC/<store>/images/<id>/manifest             empty, written last: no manifest, no image
+    VIC/<store>/diskFormat                       the createType new layers are written in (imagefs's own)
     <container-id>/<container-id>.vmdk           a container's read-write disk, a child of an image
 
 Parentage comes from the disk chain (``parentFileNameHint``), never from metadata.
@@ -20,7 +21,8 @@ from . import scratch as scratch_disk
 from .errors import Exists, ImageFSError, InUse, InvalidInput, NotFound, ReadOnly
 from .ids import SCRATCH, check_id
 from .tree import ImageTree
-from .vmdk import DiskChain, SparseExtent
+from .vmdk import DiskChain, open_disk
+from .vmdk.layer_format import BASE_FORMAT, DEFAULT_FORMAT, check_disk_format
 
 log = logging.getLogger("imagefs.store")
 
@@ -61,6 +63,10 @@ def _disk_path(store, image_id):
     return f"{_image_dir(store, image_id)}/{image_id}.vmdk"
 
 
+def _format_file(store):
+    return f"{_store_dir(store)}/diskFormat"
+
+
 def _container_disk(container_id):
     return f"{container_id}/{container_id}.vmdk"
 
@@ -78,16 +84,21 @@ class ImageStore:
         self.ds.mkdir(ROOT_DIR, parents=True)
 
     # --- image stores -------------------------------------------------------------------
-    def create_store(self, name, capacity=scratch_disk.DEFAULT_CAPACITY):
-        """Create store ``name`` with its scratch image; Exists if it is there already."""
+    def create_store(self, name, capacity=scratch_disk.DEFAULT_CAPACITY, disk_format=None):
+        """Create store ``name`` with its scratch image; Exists if it is there already.
+
+        ``disk_format`` (a createType of vmdk.layer_format.DELTA_FORMATS) is what its
+        layers are written in; default: the datastore's ``default_disk_format``."""
         check_id(name, "store name")
+        disk_format = check_disk_format(disk_format or self.default_disk_format)
         self.ds.mkdir(_store_dir(name))  # atomic: raises Exists for a taken name
         try:
+            self.ds.write_file(_format_file(name), f"{disk_format}\n".encode())
             self.ds.mkdir(_images_dir(name))
             self.ds.mkdir(_image_dir(name, SCRATCH))
             self.ds.mkdir(f"{_image_dir(name, SCRATCH)}/imageMetadata")
             scratch_disk.make_scratch_disk(self.ds.local_path(_disk_path(name, SCRATCH)), capacity,
-                                           workdir=self.workdir)
+                                           workdir=self.workdir, base_format=BASE_FORMAT[disk_format])
             self.ds.write_file(f"{_image_dir(name, SCRATCH)}/manifest", b"")
         except BaseException:
             self.ds.rmtree(_store_dir(name))
@@ -95,6 +106,20 @@ class ImageStore:
         self._cleaned.add(name)
         log.info("created image store %s", name)
         return name
+
+    @property
+    def default_disk_format(self):
+        """The format of new stores' layers: the datastore's choice (a vSphere datastore
+        wants one ESXi accepts as a disk parent), else monolithicSparse."""
+        return getattr(self.ds, "default_disk_format", DEFAULT_FORMAT)
+
+    def disk_format(self, store):
+        """The createType this store writes its layers in (stores made before imagefs
+        recorded it, or by VIC, use the datastore's default)."""
+        try:
+            return check_disk_format(self.ds.read_file(_format_file(store)).decode().strip())
+        except NotFound:
+            return self.default_disk_format
 
     def list_stores(self):
         return [n for n in self.ds.listdir(ROOT_DIR) if self.ds.is_dir(_images_dir(n))]
@@ -146,20 +171,21 @@ class ImageStore:
         return [i for i in self.ds.listdir(_images_dir(store))
                 if self.ds.exists(f"{_image_dir(store, i)}/manifest")]
 
-    def _read_extent(self, disk):
-        handle = self.ds.open_read(disk)
-        try:
-            return SparseExtent(disk, handle)
-        finally:
-            handle.close()
+    @property
+    def _hint_names(self):
+        """The names parent hints may give this datastore (None: any, for a local copy)."""
+        return getattr(self.ds, "names", None)
+
+    def disk_info(self, disk):
+        """A disk's descriptor facts (format, CIDs, parent, extent files); no grain tables read."""
+        return open_disk(disk, self.ds.open_read, self._hint_names)
 
     def _parent_of_disk(self, disk):
         """(parent image id or None, parent disk path) from a disk's descriptor."""
-        extent = self._read_extent(disk)
-        if not extent.parent_hint or extent.parent_cid == "ffffffff":
+        parent_disk = self.disk_info(disk).parent_path(self._hint_names)
+        if parent_disk is None:
             return None, None
-        parent_disk = posixpath.normpath(posixpath.join(posixpath.dirname(disk), extent.parent_hint))
-        return posixpath.basename(parent_disk)[: -len(".vmdk")], parent_disk
+        return posixpath.basename(parent_disk).removesuffix(".vmdk"), parent_disk
 
     def get_image(self, store, image_id):
         self.get_store(store)
@@ -205,6 +231,9 @@ class ImageStore:
         Metadata is ``key -> bytes``. Any failure leaves no trace of the new image.
         """
         from .layer.writer import write_layer  # heavy imports only when writing
+        from .vmdk.hints import relative_hint
+        from .vmdk.layer_format import seal_as
+        from .vmdk.qemu_view import qemu_parent
 
         check_id(image_id)
         if image_id == SCRATCH:
@@ -224,10 +253,14 @@ class ImageStore:
                 raise Exists(f"image {image_id} already exists in store {store}") from None
             try:
                 self.ds.mkdir(f"{d}/imageMetadata")
-                result = write_layer(self.ds.local_path(parent.disk),
-                                     self.ds.local_path(_disk_path(store, image_id)), stream,
-                                     expected_sum=expected_sum, method=self.writer_method,
-                                     workdir=self.workdir, progress=progress)
+                child = _disk_path(store, image_id)
+                with self.open_chain(parent.disk) as chain, \
+                        qemu_parent(chain, self.ds.local_path, self.workdir) as qemu_parent_disk:
+                    result = write_layer(qemu_parent_disk, self.ds.local_path(child), stream,
+                                         expected_sum=expected_sum, method=self.writer_method,
+                                         workdir=self.workdir, progress=progress)
+                # post-seal: the store's disk format and the parent hint the layer keeps
+                seal_as(self.ds.local_path(child), self.disk_format(store), relative_hint(child, parent.disk))
                 for key, value in metadata.items():
                     self.ds.write_file(f"{d}/imageMetadata/{key}", bytes(value))
                 self.ds.write_file(f"{d}/manifest", b"")
@@ -282,7 +315,7 @@ class ImageStore:
 
     # --- reading --------------------------------------------------------------------------------
     def open_chain(self, disk):
-        return DiskChain(disk, self.ds.open_read)
+        return DiskChain(disk, self.ds.open_read, self._hint_names)
 
     def tree(self, store, image_id):
         """The (cached) read API of a sealed image.
@@ -295,7 +328,7 @@ class ImageStore:
         tree = self._trees.get(key)
         if tree is not None:
             try:
-                current = self._read_extent(_disk_path(store, image_id)).cid
+                current = self.disk_info(_disk_path(store, image_id)).cid
             except (ImageFSError, FileNotFoundError):
                 current = None
             if current == tree.chain.layers[0].cid and self.ds.exists(f"{_image_dir(store, image_id)}/manifest"):

@@ -1,0 +1,185 @@
+"""What every extent answers: which parts of a byte range it holds, and where.
+
+An extent maps a range of its part of the virtual disk to *runs*
+``(start, end, kind, source, where)``, positions relative to the extent's start:
+
+- HOLE: not here, read the parent disk (zeros at the base of a chain);
+- ZERO: reads as zeros, whatever the parent holds;
+- DATA: ``source.pread(where + (pos - start), ...)`` reads it (``source`` has a ``path``);
+- DEFLATE: a compressed grain; ``source`` is the extent, ``where`` is
+  ``(grain file offset, offset of ``start`` inside the grain)``.
+
+Sparse extents share one mapper: a grain directory points to grain tables, and a
+grain table entry is decoded by the format into "hole", "zero" or a byte offset.
+Long runs of contiguous grains are found with slice comparisons (C speed), so a
+table of 4096 one-sector grains costs a handful of Python steps when its grains
+were written in order.
+"""
+import struct
+import threading
+from array import array
+
+from ..errors import CorruptDisk
+
+SECTOR = 512
+HOLE, ZERO, DATA, DEFLATE = 0, 1, 2, 3
+
+GD_BLOCK = 1024                 # grain-directory entries read at a time
+MAX_TABLE_ENTRIES = 1 << 16     # entries of one grain table (formats use 512 or 4096)
+MAX_GRAIN = 1 << 30             # bytes of one grain (qemu's limit too)
+TABLE_CACHE = 64                # decoded grain tables kept per extent
+
+
+def check_geometry(path, grain_size, entries, size):
+    """Refuse header fields that would size allocations or loops beyond reason."""
+    if not (SECTOR <= grain_size <= MAX_GRAIN) or grain_size % SECTOR:
+        raise CorruptDisk(f"{path}: invalid grain size {grain_size}")
+    if not (1 <= entries <= MAX_TABLE_ENTRIES):
+        raise CorruptDisk(f"{path}: invalid grain table size {entries}")
+    if size <= 0 or size > 1 << 56:
+        raise CorruptDisk(f"{path}: invalid capacity {size}")
+
+
+class GrainMapped:
+    """Base of the sparse extents: grain directory -> grain tables -> grains.
+
+    Subclasses set ``path``, ``handle``, ``size`` (bytes), ``grain_size`` (bytes),
+    ``entries`` (per table), ``n_tables``, ``gd_offset`` and ``gd_entry_size``
+    (bytes), and implement ``_table_offset(gd_entry)`` (byte offset or None) and
+    ``_decode(raw)`` (an array of per-grain values: 0 hole, 1 zero, else the file
+    sector of the grain; sectors 0 and 1 never hold grains, headers come first).
+    """
+    compressed = False
+    entry_size = 4
+
+    def pread(self, offset, length):
+        return self.handle.pread(offset, length)
+
+    def _init_maps(self):
+        self._gd_blocks = {}
+        self._tables = {}
+        self._lock = threading.Lock()
+
+    def _gd_entry(self, index):
+        block, i = divmod(index, GD_BLOCK)
+        entries = self._gd_blocks.get(block)
+        if entries is None:
+            count = min(GD_BLOCK, self.n_tables - block * GD_BLOCK)
+            fmt = "<%d%s" % (count, "I" if self.gd_entry_size == 4 else "Q")
+            raw = self.handle.pread(self.gd_offset + block * GD_BLOCK * self.gd_entry_size,
+                                    count * self.gd_entry_size)
+            if len(raw) != count * self.gd_entry_size:
+                raise CorruptDisk(f"{self.path}: grain directory is truncated")
+            entries = struct.unpack(fmt, raw)
+            with self._lock:
+                self._gd_blocks[block] = entries
+        return entries[i]
+
+    def table(self, index):
+        """Decoded grain table ``index`` (an array), or None when the whole span is a hole."""
+        table = self._tables.get(index)
+        if table is None:
+            offset = self._table_offset(self._gd_entry(index))
+            if offset is None:
+                return None
+            nbytes = self.entries * self.entry_size
+            raw = self.handle.pread(offset, nbytes)
+            if len(raw) != nbytes:
+                raise CorruptDisk(f"{self.path}: grain table {index} is truncated")
+            table = self._decode(raw)
+            with self._lock:
+                if len(self._tables) >= TABLE_CACHE:
+                    self._tables.pop(next(iter(self._tables)))
+                self._tables[index] = table
+        return table
+
+    def runs(self, lo, hi):
+        """Runs covering [lo, hi) of this extent (see the module docstring)."""
+        out = []
+        g, n = self.grain_size, self.entries
+        span, step = g * n, g // SECTOR
+        pos = lo
+        while pos < hi:
+            ti = pos // span
+            if ti >= self.n_tables:
+                raise CorruptDisk(f"{self.path}: read beyond the grain directory")
+            tend = min(hi, (ti + 1) * span)
+            table = self.table(ti)
+            if table is None:
+                _add(out, pos, tend, HOLE, None, 0)
+                pos = tend
+                continue
+            base = ti * span
+            i = (pos - base) // g
+            while pos < tend:
+                value = table[i]
+                j = _run_end(table, i, value, step, n)
+                end = min(tend, base + j * g)
+                if value == 0:
+                    _add(out, pos, end, HOLE, None, 0)
+                elif value == 1:
+                    _add(out, pos, end, ZERO, None, 0)
+                elif self.compressed:
+                    for k in range(i, j):   # one run per compressed grain
+                        gs, ge = max(pos, base + k * g), min(end, base + (k + 1) * g)
+                        out.append((gs, ge, DEFLATE, self, (table[k] * SECTOR, gs - (base + k * g))))
+                else:
+                    _add(out, pos, end, DATA, self, value * SECTOR + (pos - (base + i * g)))
+                pos = end
+                i = j
+        return out
+
+    def allocated(self):
+        """(start, end) byte ranges this extent holds itself: data or zero, not holes."""
+        ranges = []
+        for lo, hi, kind, _, _ in self.runs(0, self.size):
+            if kind != HOLE:
+                if ranges and ranges[-1][1] == lo:
+                    ranges[-1] = (ranges[-1][0], hi)
+                else:
+                    ranges.append((lo, hi))
+        return ranges
+
+
+def _run_end(table, i, value, grain_sectors, n):
+    """The index after the run of entries starting at ``i`` that continue ``value``:
+    equal entries for holes and zeros, sectors growing by one grain for data."""
+    step = 0 if value in (0, 1) else grain_sectors
+    # gallop: double the probe while the slice still matches, then bisect
+    good, probe = i + 1, 1
+    while good < n:
+        end = min(n, good + probe)
+        if table[good:end] != _expected(table, value, step, good - i, end - good):
+            break
+        good = end
+        probe *= 2
+    else:
+        return n
+    lo, hi = good, min(n, good + probe)
+    while lo < hi:          # first index in [good, hi) that breaks the run
+        mid = (lo + hi) // 2
+        if table[good:mid + 1] == _expected(table, value, step, good - i, mid + 1 - good):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _expected(table, value, step, first, count):
+    if step == 0:
+        return array(table.typecode, [value]) * count
+    start = value + first * step
+    try:
+        return array(table.typecode, range(start, start + count * step, step))
+    except OverflowError:   # past the entry type's range: cannot continue the run
+        return None
+
+
+def _add(out, start, end, kind, source, where):
+    """Append a run, merging it into the previous one when it continues it."""
+    if out:
+        ps, pe, pk, psrc, pw = out[-1]
+        if pe == start and pk == kind and psrc is source and (kind != DATA or pw + (pe - ps) == where):
+            out[-1] = (ps, end, kind, psrc, pw)
+            return
+    out.append((start, end, kind, source, where))
