@@ -132,6 +132,9 @@ def cmd_image_info(args):
     print(f"usage:      {st.layer_usage(args.store, args.id)}")
     print(f"url:        {st.url(args.store, args.id)}")
     print(f"disk:       {st.datastore_path(args.store, args.id)}")
+    facts = st.layer_disk(args.store, args.id)
+    print(f"format:     {facts.create_type}")
+    print(f"extents:    {' '.join(facts.extent_files)}")
     print(f"owners:     {' '.join(st.owners(args.store, args.id)) or '-'}")
 
 

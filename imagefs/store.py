@@ -180,6 +180,10 @@ class ImageStore:
         """A disk's descriptor facts (format, CIDs, parent, extent files); no grain tables read."""
         return open_disk(disk, self.ds.open_read, self._hint_names)
 
+    def layer_disk(self, store, image_id):
+        """An image's own disk facts: createType, extent files, CIDs (a vmdk.DiskInfo)."""
+        return self.disk_info(self.get_image(store, image_id).disk)
+
     def _parent_of_disk(self, disk):
         """(parent image id or None, parent disk path) from a disk's descriptor."""
         parent_disk = self.disk_info(disk).parent_path(self._hint_names)

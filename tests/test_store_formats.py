@@ -1,6 +1,7 @@
 """Stores whose layers are ESXi delta formats, stores copied off VMFS datastores, and
 parent hints that try to leave the datastore: through the store API, the CLI and a mount."""
 import io
+import json
 import os
 import re
 import shutil
@@ -154,6 +155,9 @@ def test_store_copied_off_vmfs_mounts_unchanged(tmp_path, mono):
     # the same store read through a mount
     with mounted(root, str(tmp_path / "mnt")) as mnt:
         assert _mount_dump(mnt) == _mount_dump_of(mono.ds.root, tmp_path / "mnt-mono")
+        info = json.load(open(os.path.join(mnt, "s", "images", "l2", "info.json")))
+        assert info["disk-format"] == "vmfsSparse" and info["extents"] == ["VIC/s/images/l2/l2-delta.vmdk"]
+        assert os.getxattr(os.path.join(mnt, "s", "images", "scratch"), "user.imagefs.disk-format") == b"vmfs"
 
 
 def _mount_dump_of(root, mnt):
@@ -223,3 +227,21 @@ def test_hint_forms_resolve_inside(hint, expected):
 def test_hint_forms_refused(hint):
     with pytest.raises(CorruptDisk, match="refused"):
         resolve_hint("d/c/c.vmdk", hint, ("ds1",))
+
+
+def test_cli_store_format_and_image_info(tmp_path):
+    def cli(*args, ok=True):
+        proc = subprocess.run([sys.executable, "-m", "imagefs", "--datastore", str(tmp_path / "ds"), *args],
+                              capture_output=True, text=True)
+        assert (proc.returncode == 0) == ok, proc.stderr
+        return proc
+    cli("store", "create", "s", "--capacity", SMALL, "--disk-format", "seSparse")
+    tar = tmp_path / "l1.tar"
+    tar.write_bytes(TARS["l1"])
+    cli("image", "write", "s", "scratch", "l1", str(tar))
+    info = cli("image", "info", "s", "l1").stdout
+    assert "format:     seSparse\n" in info and "extents:    VIC/s/images/l1/l1-sesparse.vmdk\n" in info
+    info = cli("image", "info", "s", "scratch").stdout
+    assert "format:     vmfs\n" in info and "extents:    VIC/s/images/scratch/scratch-flat.vmdk\n" in info
+    bad = cli("store", "create", "t", "--disk-format", "vmfsThin", ok=False)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr

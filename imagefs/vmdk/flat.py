@@ -9,7 +9,7 @@ import os
 import secrets
 
 from .descriptor import Descriptor, ExtentLine
-from .runs import DATA, SECTOR, ZERO
+from .runs import DATA, SECTOR, ZERO, check_sector
 
 
 class FlatExtent:
@@ -18,7 +18,7 @@ class FlatExtent:
     def __init__(self, path, handle, sectors, start_sector=0):
         self.path, self.handle = path, handle
         self.size = sectors * SECTOR
-        self.start = start_sector * SECTOR
+        self.start = check_sector(path, start_sector, "flat extent start") * SECTOR
         self._source = _ZeroPadded(path, handle)
 
     def runs(self, lo, hi):

@@ -16,7 +16,7 @@ import zlib
 from array import array
 
 from ..errors import CorruptDisk
-from .runs import SECTOR, GrainMapped, check_geometry
+from .runs import SECTOR, GrainMapped, check_geometry, check_sector, has_entry
 
 MAGIC = b"KDMV"
 # struct SparseExtentHeader, little endian, packed (the 4-byte magic first)
@@ -36,6 +36,7 @@ class SparseHeader:
     """The fields of a KDMV header that reading needs."""
 
     def __init__(self, raw, path):
+        self.path = path
         if len(raw) < HEADER.size or raw[:4] != MAGIC:
             raise CorruptDisk(f"{path}: not a hosted sparse extent (no KDMV header)")
         (_, self.version, self.flags, self.capacity, self.grain_sectors, self.desc_offset, self.desc_size,
@@ -52,8 +53,8 @@ class SparseHeader:
         if not self.desc_offset or not self.desc_size:
             return None
         if self.desc_size > MAX_DESC_SECTORS:
-            raise CorruptDisk("embedded descriptor is too large")
-        return self.desc_offset * SECTOR, self.desc_size * SECTOR
+            raise CorruptDisk(f"{self.path}: embedded descriptor is too large")
+        return check_sector(self.path, self.desc_offset, "embedded descriptor") * SECTOR, self.desc_size * SECTOR
 
 
 class HostedSparseExtent(GrainMapped):
@@ -79,7 +80,7 @@ class HostedSparseExtent(GrainMapped):
         gd = header.rgd_offset if header.flags & FLAG_REDUNDANT_GD and header.rgd_offset else header.gd_offset
         if not gd:
             raise CorruptDisk(f"{path}: no grain directory")
-        self.gd_offset, self.gd_entry_size = gd * SECTOR, 4
+        self.gd_offset, self.gd_entry_size = check_sector(path, gd, "grain directory") * SECTOR, 4
         self._zeroed = bool(header.flags & FLAG_ZEROED_GTE)
         self._init_maps()
         self._grains = {}
@@ -107,7 +108,7 @@ class HostedSparseExtent(GrainMapped):
         if not self._zeroed:
             # without the zeroed-GTE flag, 1 is no zero marker; it cannot be data either
             # (sector 1 is header space), so such an entry is corrupt: read it as a hole
-            table = array("I", (0 if e == 1 else e for e in table)) if 1 in table else table
+            table = array("I", (0 if e == 1 else e for e in table)) if has_entry(raw, 1, 4) else table
         return table
 
     def read_grain(self, offset):

@@ -18,6 +18,7 @@ were written in order.
 import struct
 import threading
 from array import array
+from functools import lru_cache
 
 from ..errors import CorruptDisk
 
@@ -28,6 +29,14 @@ GD_BLOCK = 1024                 # grain-directory entries read at a time
 MAX_TABLE_ENTRIES = 1 << 16     # entries of one grain table (formats use 512 or 4096)
 MAX_GRAIN = 1 << 30             # bytes of one grain (qemu's limit too)
 TABLE_CACHE = 64                # decoded grain tables kept per extent
+MAX_SECTOR = 1 << 40            # 512 TiB: no VMDK structure lies beyond
+
+
+def check_sector(path, sector, what):
+    """Refuse a header's sector number that points beyond any real file."""
+    if not 0 <= sector < MAX_SECTOR:
+        raise CorruptDisk(f"{path}: {what} at sector {sector} is out of range")
+    return sector
 
 
 def check_geometry(path, grain_size, entries, size):
@@ -113,7 +122,7 @@ class GrainMapped:
             i = (pos - base) // g
             while pos < tend:
                 value = table[i]
-                j = _run_end(table, i, value, step, n)
+                j = run_end(table, i, value, 0 if value in (0, 1) else step, n)
                 end = min(tend, base + j * g)
                 if value == 0:
                     _add(out, pos, end, HOLE, None, 0)
@@ -141,38 +150,55 @@ class GrainMapped:
         return ranges
 
 
-def _run_end(table, i, value, grain_sectors, n):
-    """The index after the run of entries starting at ``i`` that continue ``value``:
-    equal entries for holes and zeros, sectors growing by one grain for data."""
-    step = 0 if value in (0, 1) else grain_sectors
-    # gallop: double the probe while the slice still matches, then bisect
+def run_end(table, i, value, step, limit):
+    """The index after the run from ``i`` (below ``limit``) of entries ``value``,
+    ``value + step``, ``value + 2 * step``... found by galloping slice comparisons."""
     good, probe = i + 1, 1
-    while good < n:
-        end = min(n, good + probe)
-        if table[good:end] != _expected(table, value, step, good - i, end - good):
+    while good < limit:
+        end = min(limit, good + probe)
+        if not _continues(table, good, end, value + (good - i) * step, step):
             break
         good = end
-        probe *= 2
+        probe *= 4
     else:
-        return n
-    lo, hi = good, min(n, good + probe)
+        return limit
+    lo, hi = good, min(limit, good + probe)
     while lo < hi:          # first index in [good, hi) that breaks the run
         mid = (lo + hi) // 2
-        if table[good:mid + 1] == _expected(table, value, step, good - i, mid + 1 - good):
+        if _continues(table, good, mid + 1, value + (good - i) * step, step):
             lo = mid + 1
         else:
             hi = mid
     return lo
 
 
-def _expected(table, value, step, first, count):
-    if step == 0:
-        return array(table.typecode, [value]) * count
-    start = value + first * step
-    try:
-        return array(table.typecode, range(start, start + count * step, step))
-    except OverflowError:   # past the entry type's range: cannot continue the run
-        return None
+def _continues(table, a, b, first, step):
+    """table[a:b] == first, first + step, ... compared as one little-endian integer:
+    first * (1 + X + X^2 ...) + step * (0 + X + 2X^2 ...) with X = 2^(entry bits), which
+    has no carries while every entry fits (checked), so the compare is exact."""
+    count, width = b - a, table.itemsize
+    if first + (count - 1) * step >= 1 << (8 * width):
+        return False
+    ones, ramp = _patterns(width, count)
+    return int.from_bytes(table[a:b].tobytes(), "little") == first * ones + step * ramp
+
+
+@lru_cache(maxsize=512)
+def _patterns(width, count):
+    ones = int.from_bytes((b"\1" + bytes(width - 1)) * count, "little")
+    ramp = int.from_bytes(array("Q" if width == 8 else "I", range(count)).tobytes(), "little")
+    return ones, ramp
+
+
+def has_entry(raw, value, width):
+    """Whether the little-endian table ``raw`` holds ``value`` (a bytes search, not a loop)."""
+    needle = value.to_bytes(width, "little")
+    at = raw.find(needle)
+    while at >= 0:
+        if at % width == 0:
+            return True
+        at = raw.find(needle, at + 1)
+    return False
 
 
 def _add(out, start, end, kind, source, where):

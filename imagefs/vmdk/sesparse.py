@@ -17,7 +17,7 @@ import struct
 from array import array
 
 from ..errors import CorruptDisk
-from .runs import SECTOR, GrainMapped, check_geometry
+from .runs import SECTOR, GrainMapped, check_geometry, check_sector, run_end
 
 CONST_MAGIC = 0xCAFEBABE
 VOLATILE_MAGIC = 0xCAFECAFE
@@ -53,6 +53,9 @@ class SesparseHeader:
                               f"grain table size ({self.grain_table_size})")
         if self.flags:
             raise CorruptDisk(f"{path}: unsupported SEsparse flags {self.flags:#x}")
+        for name in ("volatile_header_offset", "grain_dir_offset", "grain_dir_size", "grain_tables_offset",
+                     "grain_tables_size", "grains_offset"):
+            check_sector(path, getattr(self, name), name.replace("_", " "))
 
     def pack(self):
         return CONST_HEADER.pack(*(getattr(self, n) for n in self.FIELDS)).ljust(SECTOR, b"\0")
@@ -100,19 +103,27 @@ class SesparseExtent(GrainMapped):
         return self._tables_at + (gd_entry & 0xFFFFFFFF) * GT_SECTORS * SECTOR
 
     def _decode(self, raw):
+        """Entries to grain sectors (0 hole, 1 zero). Consecutive clusters are consecutive
+        entries in steps of 1 << 48 until the low 12 bits wrap, so runs decode at once."""
         entries = array("Q")
         entries.frombytes(raw)
         out = array("Q", bytes(len(raw)))
-        base = self._grains_at
-        for i, e in enumerate(entries):
+        n, i, base = len(entries), 0, self._grains_at
+        while i < n:
+            e = entries[i]
             kind = e & TYPE_MASK
             if kind == T_ALLOCATED:
                 cluster = ((e & 0x0FFF000000000000) >> 48) | ((e & 0x0000FFFFFFFFFFFF) << 12)
-                out[i] = base + cluster * GRAIN_SECTORS
-            elif kind in (T_ZERO, T_UNMAPPED):
-                out[i] = 1
-            elif e:
+                j = run_end(entries, i, e, 1 << 48, min(n, i + 0x1000 - (cluster & 0xFFF)))
+                first = base + cluster * GRAIN_SECTORS
+                out[i:j] = array("Q", range(first, first + (j - i) * GRAIN_SECTORS, GRAIN_SECTORS))
+            elif kind in (T_ZERO, T_UNMAPPED) or e == 0:
+                j = run_end(entries, i, e, 0, n)
+                if e:
+                    out[i:j] = array("Q", [1]) * (j - i)
+            else:
                 raise CorruptDisk(f"{self.path}: invalid SEsparse grain table entry {e:#x}")
+            i = j
         return out
 
     def close(self):
