@@ -27,6 +27,10 @@ class LocalReadHandle(ReadHandle):
 
 
 class LocalDatastore(Datastore):
+    # parent hints may name any datastore ("/vmfs/volumes/<name>/...", "[<name>] ..."):
+    # a local directory is often a copy of a VMFS datastore whose name is not known here
+    names = None
+
     def __init__(self, root):
         self.root = os.path.abspath(root)
         self.url = self.root

@@ -62,8 +62,10 @@ def seal_as(child, disk_format, parent_hint):
         desc.values = {"CID": info.cid, "parentCID": info.parent_cid, "isNativeSnapshot": "no",
                        "createType": disk_format, "parentFileNameHint": parent_hint}
         desc.extents = [ExtentLine("RW", old.size // SECTOR, etype, os.path.basename(extent))]
-        desc.ddb = {k: v for k, v in info.descriptor.ddb.items() if k != "ddb.deletable"}
-        desc.ddb.setdefault("ddb.longContentID", secrets.token_hex(16))
+        # as ESXi writes a delta's: the disk's geometry and adapter live in its base
+        desc.ddb = {"ddb.longContentID": secrets.token_hex(16)}
+        if disk_format == "seSparse":
+            desc.ddb["ddb.grain"] = "8"
         _write_atomic(child + ".descriptor", desc.render().encode())
         _verify(old, child + ".descriptor", data, zeros)
     finally:

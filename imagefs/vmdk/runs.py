@@ -152,7 +152,10 @@ class GrainMapped:
 
 def run_end(table, i, value, step, limit):
     """The index after the run from ``i`` (below ``limit``) of entries ``value``,
-    ``value + step``, ``value + 2 * step``... found by galloping slice comparisons."""
+    ``value + step``, ``value + 2 * step``... found by galloping slice comparisons
+    (after one try of the whole rest: tables written in order are mostly one run)."""
+    if i + 1 < limit and _continues(table, i + 1, limit, value + step, step):
+        return limit
     good, probe = i + 1, 1
     while good < limit:
         end = min(limit, good + probe)
