@@ -163,3 +163,38 @@ def test_same_bytes_as_dissect_hypervisor(tmp_path, raw, base_fmt, child_fmt):
     for pos in range(0, SIZE, 5 * MiB):
         theirs.seek(pos)
         assert theirs.read(5 * MiB) == ours.pread(pos, 5 * MiB), f"differs in the 5 MiB at {pos}"
+
+
+@pytest.mark.parametrize("name", ["../../outside-flat.vmdk", "/etc/passwd", "/vmfs/volumes/ds/../../x"])
+def test_extent_file_outside_the_datastore_is_refused(tmp_path, raw, name):
+    root = str(tmp_path / "ds")
+    make_base(root, "base", "vmfs", raw)
+    desc = tmp_path / "ds" / "base" / "base.vmdk"
+    desc.write_text(desc.read_text().replace('"base-flat.vmdk"', f'"{name}"'))
+    with pytest.raises(CorruptDisk, match=r"base/base.vmdk: extent file .* refused"):
+        chain(root, "base/base.vmdk")
+
+
+def test_read_only_extents_read(tmp_path, raw):
+    """ESXi marks some extents RDONLY; they read like RW ones."""
+    root = str(tmp_path)
+    make_base(root, "base", "twoGbMaxExtentFlat", raw)
+    desc = tmp_path / "base" / "base.vmdk"
+    desc.write_text(desc.read_text().replace("RW ", "RDONLY "))
+    assert_reads_equal(chain(root, "base/base.vmdk"), raw)
+
+
+@pytest.mark.parametrize("child_fmt", ["twoGbMaxExtentSparse"])  # qemu refuses flat children
+def test_qemu_made_children(tmp_path, raw, child_fmt):
+    """A child in the other sparse format qemu-img writes, under an ESXi-format chain."""
+    root = str(tmp_path)
+    base = make_base(root, "base", "vmfs", raw)
+    mid = make_child(root, base, "mid", "seSparse", WRITES, seed=11)
+    os.makedirs(tmp_path / "child")
+    top = str(tmp_path / "child" / "child.vmdk")
+    run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", f"subformat={child_fmt}", "-b", "../mid/mid.vmdk",
+         "-F", "vmdk", top])
+    run(["qemu-io", "-f", "vmdk", "-c", "write -P 7 100000 300000", "-c", f"write -P 9 {SIZE - 70000} 4096", top])
+    c = chain(root, "child/child.vmdk")
+    assert [d.create_type for d in c.layers] == [child_fmt, "seSparse", "vmfs"]
+    assert_reads_equal(c, qemu_raw(root, "child/child.vmdk", str(tmp_path / "q.raw")))

@@ -30,6 +30,7 @@ COMPRESS_DEFLATE = 1
 MARKER_FOOTER = 3
 MAX_DESC_SECTORS = 2048         # 1 MiB of embedded descriptor at most
 GRAIN_CACHE = 32                # decompressed grains kept per compressed extent
+MAX_COMPRESSED_GRAIN = 1 << 20  # bytes; qemu and VMware write 64 KiB
 
 
 class SparseHeader:
@@ -72,6 +73,8 @@ class HostedSparseExtent(GrainMapped):
         self.grain_size = header.grain_sectors * SECTOR
         self.entries = header.gtes_per_gt
         check_geometry(path, self.grain_size, self.entries, header.capacity * SECTOR)
+        if self.compressed and self.grain_size > MAX_COMPRESSED_GRAIN:
+            raise CorruptDisk(f"{path}: compressed grains of {self.grain_size} bytes are not supported")
         self.size = sectors * SECTOR
         if sectors > header.capacity:
             raise CorruptDisk(f"{path}: descriptor gives {sectors} sectors, the extent holds {header.capacity}")
@@ -116,7 +119,8 @@ class HostedSparseExtent(GrainMapped):
         data = self._grains.get(offset)
         if data is not None:
             return data
-        head = self.handle.pread(offset, SECTOR)
+        # one read of marker + a grain's worth: compressed grains are nearly always smaller
+        head = self.handle.pread(offset, 12 + self.grain_size)
         if len(head) < 12:
             raise CorruptDisk(f"{self.path}: compressed grain at {offset} is truncated")
         _lba, size = struct.unpack_from("<QI", head)
@@ -126,8 +130,7 @@ class HostedSparseExtent(GrainMapped):
         if len(body) < size:
             body += self.handle.pread(offset + len(head), 12 + size - len(head))
         try:
-            inflater = zlib.decompressobj()
-            data = inflater.decompress(body, self.grain_size)
+            data = zlib.decompressobj().decompress(body, self.grain_size)    # never more than a grain
         except zlib.error as err:
             raise CorruptDisk(f"{self.path}: compressed grain at {offset} is corrupt: {err}") from None
         if len(data) < self.grain_size:
