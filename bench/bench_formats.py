@@ -6,7 +6,8 @@ usage: bench_formats.py [BENCH_DIR] [RUNS]   (default /var/tmp/imagefs-bench, 5 
 
 1. Delta formats, as users meet them: a store per format (monolithicSparse, vmfsSparse,
    seSparse), one layer imported from a tar of the 200 MiB big.bin; read big.bin through
-   the read API (1 MiB reads), cold (page cache dropped) and warm.
+   the read API (1 MiB reads) of a freshly opened chain, cold (page cache dropped) and
+   warm (wall and CPU time), and through a chain already open ("open": maps built).
 2. Base formats: base.raw (1 GiB ext4 holding big.bin) converted by qemu-img to each
    format it writes, and as ESXi's vmfs (descriptor + flat), with an empty child on top;
    big.bin read the same way. streamOptimized also shows the time zlib alone needs to
@@ -51,7 +52,10 @@ def drop_caches():
 
 def read_api(open_tree, path, digest=False):
     """Read a file through a fresh tree; its sha256 when ``digest`` (not while timed)."""
-    tree = open_tree()
+    return read_tree(open_tree(), path, digest)
+
+
+def read_tree(tree, path, digest=False):
     ino = tree.resolve(path)
     size, off, h = tree.stat(ino).size, 0, hashlib.sha256()
     while off < size:
@@ -135,30 +139,48 @@ def _disk_ranges(tree, ino):
     return [(b * geo.block_size, n * geo.block_size) for _, b, n in runs if b is not None]
 
 
-def measure(cases, runs, label):
-    """Median wall seconds per (case, cold|warm); every case must read the same bytes."""
+def measure(cases, runs, label, warm_reads=5):
+    """Median seconds per (case, cold|warm|cpu): cold is one read after dropping the page
+    cache; warm the wall time, cpu the process CPU time of one read averaged over
+    ``warm_reads`` reads in a row (a warm 200 MiB read takes milliseconds, so single
+    samples mostly measure the other tenants of a shared machine). Every case must read
+    the same bytes."""
     digests = {name: fn(digest=True) for name, fn in cases.items()}
     assert len(set(digests.values())) == 1, f"{label}: readers disagree: {digests}"
-    times = {(name, temp): [] for name in cases for temp in ("cold", "warm")}
+    times = {(name, kind): [] for name in cases for kind in ("cold", "warm", "cpu", "open")}
+    open_trees = {name: getattr(fn, "open_tree", None) for name, fn in cases.items()}
+    open_trees = {name: t() for name, t in open_trees.items() if t is not None}
     for _ in range(runs):
-        for temp in ("cold", "warm"):
-            for name, fn in cases.items():
-                if temp == "cold":
-                    drop_caches()
-                else:
-                    fn()
-                t = time.perf_counter()
+        for name, fn in cases.items():
+            drop_caches()
+            t = time.perf_counter()
+            fn()
+            times[(name, "cold")].append(time.perf_counter() - t)
+        for name, fn in cases.items():
+            fn()
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(warm_reads):
                 fn()
-                times[(name, temp)].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+            times[(name, "warm")].append((time.perf_counter() - t) / warm_reads)
+            times[(name, "cpu")].append((time.process_time() - c) / warm_reads)
+            if name in open_trees:          # through a chain already open (its maps built)
+                read_tree(open_trees[name], "/big.bin")
+                t = time.perf_counter()
+                for _ in range(warm_reads):
+                    read_tree(open_trees[name], "/big.bin")
+                times[(name, "open")].append((time.perf_counter() - t) / warm_reads)
+    return {k: statistics.median(v) for k, v in times.items() if v}
 
 
 def report(title, med, ref, names):
-    print(f"\n{title}")
-    print(f"{'chain':<34} {'cold s':>8} {'ratio':>6} {'warm s':>8} {'ratio':>6}")
+    if title:
+        print(f"\n{title}")
+    print(f"{'chain':<30} {'cold s':>7} {'ratio':>6} {'warm s':>7} {'ratio':>6} {'cpu s':>7} {'ratio':>6} "
+          f"{'open s':>7} {'ratio':>6}")
     for name in names:
-        c, w = med[(name, "cold")], med[(name, "warm")]
-        print(f"{name:<34} {c:>8.3f} {c / med[(ref, 'cold')]:>6.2f} {w:>8.3f} {w / med[(ref, 'warm')]:>6.2f}")
+        cells = [f"{med[(name, k)]:>7.3f} {med[(name, k)] / med[(ref, k)]:>6.2f}"
+                 for k in ("cold", "warm", "cpu", "open")]
+        print(f"{name:<30} {' '.join(cells)}")
 
 
 def main(bench_dir, runs):
@@ -166,13 +188,15 @@ def main(bench_dir, runs):
     try:
         deltas = delta_stores(work, bench_dir)
         bases = base_chains(work, bench_dir)
-        ours = {f"delta {k}": (lambda r=r, t=t, digest=False: read_api(chain_opener(r, t), "/big.bin", digest))
-                for k, (r, t) in deltas.items()}
-        ours.update({f"base {k}": (lambda r=r, t=t, digest=False: read_api(chain_opener(r, t), "/big.bin", digest))
-                     for k, (r, t) in bases.items()})
+        ours = {}
+        for kind, chains in (("delta", deltas), ("base", bases)):
+            for k, (r, t) in chains.items():
+                fn = ours[f"{kind} {k}"] = (lambda r=r, t=t, digest=False:
+                                            read_api(chain_opener(r, t), "/big.bin", digest))
+                fn.open_tree = chain_opener(r, t)
         med = measure(ours, runs, "imagefs")
-        report("imagefs read API, 200 MiB big.bin, 1 MiB reads (median s; ratio to the monolithicSparse chain)",
-               med, "delta monolithicSparse", [k for k in ours if k.startswith("delta")])
+        report("imagefs read API, 200 MiB big.bin, 1 MiB reads (median s of one read; ratio to the "
+               "monolithicSparse chain)", med, "delta monolithicSparse", [k for k in ours if k.startswith("delta")])
         report("", med, "base monolithicSparse", [k for k in ours if k.startswith("base")])
         inflate = statistics.median(inflate_cost(*bases["streamOptimized"], "/big.bin") for _ in range(runs))
         extra = med[("base streamOptimized", "warm")] - med[("base monolithicSparse", "warm")]
@@ -186,16 +210,16 @@ def main(bench_dir, runs):
                 DiskChain(t, lambda p: LocalReadHandle(os.path.join(r, p))).file(), "/big.bin", digest))
             pair[f"{name} [dissect]"] = (lambda r=root, t=top, digest=False: read_dissect(
                 VMDK(os.path.join(r, t)), "/big.bin", digest))
-        med2 = measure(pair, runs, "dissect")
+        med2 = measure(pair, runs, "dissect", warm_reads=1)
         print("\ndissect.extfs over each disk reader, same bytes (median s; ratio dissect / imagefs)")
-        print(f"{'chain':<34} {'cold: imagefs':>14} {'dissect':>8} {'ratio':>6} {'warm: imagefs':>14} "
+        print(f"{'chain':<30} {'cold: imagefs':>13} {'dissect':>8} {'ratio':>6} {'warm: imagefs':>13} "
               f"{'dissect':>8} {'ratio':>6}")
         for name in disks:
             row = []
             for temp in ("cold", "warm"):
                 a, b = med2[(f"{name} [imagefs]", temp)], med2[(f"{name} [dissect]", temp)]
-                row.append(f"{a:>14.3f} {b:>8.3f} {b / a:>6.2f}")
-            print(f"{name:<34} {' '.join(row)}")
+                row.append(f"{a:>13.3f} {b:>8.3f} {b / a:>6.2f}")
+            print(f"{name:<30} {' '.join(row)}")
     finally:
         subprocess.run(["rm", "-rf", work], check=False)
 

@@ -29,6 +29,7 @@ GD_BLOCK = 1024                 # grain-directory entries read at a time
 MAX_TABLE_ENTRIES = 1 << 16     # entries of one grain table (formats use 512 or 4096)
 MAX_GRAIN = 1 << 30             # bytes of one grain (qemu's limit too)
 TABLE_CACHE = 64                # decoded grain tables kept per extent
+TABLE_READ = 1 << 20            # bytes of adjacent grain tables read at once
 MAX_SECTOR = 1 << 40            # 512 TiB: no VMDK structure lies beyond
 
 
@@ -86,20 +87,41 @@ class GrainMapped:
 
     def table(self, index):
         """Decoded grain table ``index`` (an array), or None when the whole span is a hole."""
-        table = self._tables.get(index)
-        if table is None:
-            offset = self._table_offset(self._gd_entry(index))
-            if offset is None:
-                return None
-            nbytes = self.entries * self.entry_size
-            raw = self.handle.pread(offset, nbytes)
-            if len(raw) != nbytes:
-                raise CorruptDisk(f"{self.path}: grain table {index} is truncated")
-            table = self._decode(raw)
-            with self._lock:
-                if len(self._tables) >= TABLE_CACHE:
-                    self._tables.pop(next(iter(self._tables)))
-                self._tables[index] = table
+        try:
+            return self._tables[index]
+        except KeyError:
+            return self._load_tables(index, index + 1)[index]
+
+    def _load_tables(self, first, last):
+        """Read and decode tables [first, last) that are not cached; tables that follow
+        each other in the file come in one read (writers lay them out in order)."""
+        nbytes = self.entries * self.entry_size
+        wanted, loaded = [], {}
+        for index in range(first, min(last, self.n_tables, first + TABLE_CACHE // 2)):
+            if index not in self._tables:
+                offset = self._table_offset(self._gd_entry(index))
+                if offset is None:
+                    loaded[index] = self._remember(index, None)
+                else:
+                    wanted.append((offset, index))
+        wanted.sort()
+        while wanted:
+            group = [wanted.pop(0)]
+            while wanted and wanted[0][0] == group[-1][0] + nbytes and len(group) * nbytes < TABLE_READ:
+                group.append(wanted.pop(0))
+            raw = self.handle.pread(group[0][0], len(group) * nbytes)
+            for k, (_, index) in enumerate(group):
+                part = raw[k * nbytes:(k + 1) * nbytes]
+                if len(part) != nbytes:
+                    raise CorruptDisk(f"{self.path}: grain table {index} is truncated")
+                loaded[index] = self._remember(index, self._decode(part))
+        return loaded
+
+    def _remember(self, index, table):
+        with self._lock:
+            if len(self._tables) >= TABLE_CACHE:
+                self._tables.pop(next(iter(self._tables)), None)
+            self._tables[index] = table
         return table
 
     def runs(self, lo, hi):
@@ -107,6 +129,7 @@ class GrainMapped:
         out = []
         g, n = self.grain_size, self.entries
         span, step = g * n, g // SECTOR
+        self._load_tables(lo // span, -(-hi // span))
         pos = lo
         while pos < hi:
             ti = pos // span
