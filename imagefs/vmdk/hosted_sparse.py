@@ -119,16 +119,17 @@ class HostedSparseExtent(GrainMapped):
         data = self._grains.get(offset)
         if data is not None:
             return data
-        # one read of marker + a grain's worth: compressed grains are nearly always smaller
-        head = self.handle.pread(offset, 12 + self.grain_size)
+        # one read of the marker and as much as deflate makes of a grain at worst (stored
+        # blocks of incompressible data add a few bytes per 16 KiB)
+        head = self.handle.pread(offset, 12 + self.grain_size + self.grain_size // 1024 + 64)
         if len(head) < 12:
             raise CorruptDisk(f"{self.path}: compressed grain at {offset} is truncated")
         _lba, size = struct.unpack_from("<QI", head)
         if not 0 < size <= 2 * self.grain_size + 1024:
             raise CorruptDisk(f"{self.path}: compressed grain at {offset} has invalid size {size}")
-        body = head[12:12 + size]
+        body = memoryview(head)[12:12 + size]          # no copy
         if len(body) < size:
-            body += self.handle.pread(offset + len(head), 12 + size - len(head))
+            body = head[12:] + self.handle.pread(offset + len(head), 12 + size - len(head))
         try:
             data = zlib.decompressobj().decompress(body, self.grain_size)    # never more than a grain
         except zlib.error as err:
@@ -137,7 +138,7 @@ class HostedSparseExtent(GrainMapped):
             data += bytes(self.grain_size - len(data))  # a short last grain
         with self._grain_lock:
             if len(self._grains) >= GRAIN_CACHE:
-                self._grains.pop(next(iter(self._grains)))
+                self._grains.pop(next(iter(self._grains)), None)
             self._grains[offset] = data
         return data
 

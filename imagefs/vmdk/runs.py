@@ -145,16 +145,17 @@ class GrainMapped:
             i = (pos - base) // g
             while pos < tend:
                 value = table[i]
-                j = run_end(table, i, value, 0 if value in (0, 1) else step, n)
+                if self.compressed and value > 1:
+                    j = i + 1       # compressed grains have sizes of their own: no runs
+                else:
+                    j = run_end(table, i, value, 0 if value in (0, 1) else step, n)
                 end = min(tend, base + j * g)
                 if value == 0:
                     _add(out, pos, end, HOLE, None, 0)
                 elif value == 1:
                     _add(out, pos, end, ZERO, None, 0)
                 elif self.compressed:
-                    for k in range(i, j):   # one run per compressed grain
-                        gs, ge = max(pos, base + k * g), min(end, base + (k + 1) * g)
-                        out.append((gs, ge, DEFLATE, self, (table[k] * SECTOR, gs - (base + k * g))))
+                    out.append((pos, end, DEFLATE, self, (value * SECTOR, pos - (base + i * g))))
                 else:
                     _add(out, pos, end, DATA, self, value * SECTOR + (pos - (base + i * g)))
                 pos = end
