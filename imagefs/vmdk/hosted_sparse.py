@@ -16,7 +16,7 @@ import zlib
 from array import array
 
 from ..errors import CorruptDisk
-from .runs import SECTOR, GrainMapped, check_geometry, check_sector, has_entry
+from .runs import SECTOR, GrainMapped, check_geometry, check_sector
 
 MAGIC = b"KDMV"
 # struct SparseExtentHeader, little endian, packed (the 4-byte magic first)
@@ -84,7 +84,6 @@ class HostedSparseExtent(GrainMapped):
         if not gd:
             raise CorruptDisk(f"{path}: no grain directory")
         self.gd_offset, self.gd_entry_size = check_sector(path, gd, "grain directory") * SECTOR, 4
-        self._zeroed = bool(header.flags & FLAG_ZEROED_GTE)
         self._init_maps()
         self._grains = {}
         self._grain_lock = threading.Lock()
@@ -107,12 +106,8 @@ class HostedSparseExtent(GrainMapped):
 
     def _decode(self, raw):
         table = array("I")
-        table.frombytes(raw)
-        if not self._zeroed:
-            # without the zeroed-GTE flag, 1 is no zero marker; it cannot be data either
-            # (sector 1 is header space), so such an entry is corrupt: read it as a hole
-            table = array("I", (0 if e == 1 else e for e in table)) if has_entry(raw, 1, 4) else table
-        return table
+        table.frombytes(raw)    # 1: a zero grain (without the zeroed-GTE flag it would point
+        return table            # into the header, so it is corrupt; it reads as zeros too)
 
     def read_grain(self, offset):
         """The decompressed grain whose marker is at byte ``offset``."""

@@ -200,14 +200,23 @@ def run_end(table, i, value, step, limit):
 
 
 def _continues(table, a, b, first, step):
-    """table[a:b] == first, first + step, ... compared as one little-endian integer:
-    first * (1 + X + X^2 ...) + step * (0 + X + 2X^2 ...) with X = 2^(entry bits), which
-    has no carries while every entry fits (checked), so the compare is exact."""
+    """table[a:b] == first, first + step, ... compared at C speed: equal entries as
+    bytes, a progression as one little-endian integer (see progression())."""
     count, width = b - a, table.itemsize
-    if first + (count - 1) * step >= 1 << (8 * width):
-        return False
+    if step == 0:
+        return table[a:b].tobytes() == first.to_bytes(width, "little") * count
+    expected = progression(first, step, count, width)
+    return expected is not None and int.from_bytes(table[a:b].tobytes(), "little") == expected
+
+
+def progression(first, step, count, width):
+    """first, first + step, ... (``count`` entries of ``width`` bytes) as one little-endian
+    integer: first * (1 + X + X^2 ...) + step * (0 + X + 2X^2 ...) with X = 2^(8 width),
+    exact (no carries) while every entry fits; None when one does not."""
+    if first < 0 or first + (count - 1) * step >= 1 << (8 * width):
+        return None
     ones, ramp = _patterns(width, count)
-    return int.from_bytes(table[a:b].tobytes(), "little") == first * ones + step * ramp
+    return first * ones + step * ramp
 
 
 @lru_cache(maxsize=512)
@@ -215,17 +224,6 @@ def _patterns(width, count):
     ones = int.from_bytes((b"\1" + bytes(width - 1)) * count, "little")
     ramp = int.from_bytes(array("Q" if width == 8 else "I", range(count)).tobytes(), "little")
     return ones, ramp
-
-
-def has_entry(raw, value, width):
-    """Whether the little-endian table ``raw`` holds ``value`` (a bytes search, not a loop)."""
-    needle = value.to_bytes(width, "little")
-    at = raw.find(needle)
-    while at >= 0:
-        if at % width == 0:
-            return True
-        at = raw.find(needle, at + 1)
-    return False
 
 
 def _add(out, start, end, kind, source, where):
