@@ -12,7 +12,6 @@ A layer is sealed before any child is made of it and never opened writable again
 """
 import logging
 import posixpath
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -73,8 +72,6 @@ class ImageStore:
         self.writer_method = writer_method
         self.workdir = workdir
         self._cleaned = set()
-        self._trees = {}
-        self._lock = threading.Lock()
         self.ds.mkdir(ROOT_DIR, parents=True)
 
     # --- image stores -------------------------------------------------------------------
@@ -121,7 +118,6 @@ class ImageStore:
         with self.ds.lock(f"{_store_dir(name)}/.lock", exclusive=True, blocking=False) as got:
             if not got:
                 raise InUse(f"image store {name} has a layer write in progress")
-            self._forget_trees(name)
             self.ds.rmtree(_store_dir(name))
         self._cleaned.discard(name)
         log.info("deleted image store %s", name)
@@ -250,7 +246,6 @@ class ImageStore:
         if owners:
             raise InUse(f"image {image_id} is in use by containers: {', '.join(owners)}")
         d = _image_dir(store, image_id)
-        self._forget_trees(store, image_id)
         self.ds.remove(f"{d}/manifest")      # first: from here on the image does not exist
         self.ds.remove(img.disk)
         self.ds.rmtree(d)
@@ -284,35 +279,11 @@ class ImageStore:
     def open_chain(self, disk):
         return DiskChain(disk, self.ds.open_read)
 
-    def tree(self, store, image_id):
-        """The (cached) read API of a sealed image.
-
-        A cached tree is reused only while the image's disk still has the CID it was
-        opened with: another process may have deleted the image and written a new one
-        under the same ID (a new disk gets a new random CID).
-        """
-        key = (store, image_id)
-        tree = self._trees.get(key)
-        if tree is not None:
-            try:
-                current = self._read_extent(_disk_path(store, image_id)).cid
-            except (ImageFSError, FileNotFoundError):
-                current = None
-            if current == tree.chain.layers[0].cid and self.ds.exists(f"{_image_dir(store, image_id)}/manifest"):
-                return tree
-            self._forget_trees(store, image_id)
+    def tree(self, store, image_id, cache=None):
+        """The read API of a sealed image, opened anew (a mount keeps its own, see fuse/namespace.py);
+        ``cache`` is where it keeps what it reads (imagefs/cache.py; one of its own by default)."""
         img = self.get_image(store, image_id)
-        tree = ImageTree(self.open_chain(img.disk), name=f"{store}/{image_id}")
-        with self._lock:
-            tree = self._trees.setdefault(key, tree)
-        return tree
-
-    def _forget_trees(self, store, image_id=None):
-        """Drop cached trees; their files close when the last user lets go (a mount may
-        still be reading an old incarnation)."""
-        with self._lock:
-            for key in [k for k in self._trees if k[0] == store and image_id in (None, k[1])]:
-                del self._trees[key]
+        return ImageTree(self.open_chain(img.disk), name=f"{store}/{image_id}", cache=cache)
 
     # --- usage, URLs ----------------------------------------------------------------------------
     def layer_usage(self, store, image_id):
