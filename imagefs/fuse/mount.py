@@ -24,6 +24,7 @@ from ..errors import ImageFSError, InvalidInput
 from ..store import ImageStore
 from .imports import ImportRegistry
 from .namespace import Namespace
+from .nodes import SHORT
 from .ops import Operations
 from .options import parse_options
 
@@ -79,7 +80,9 @@ def _run(datastore, mountpoint, opts, ready):
     """Mount and serve until unmounted; ``ready()`` is called once requests are served."""
     _setup_logging(opts, background=ready is not None)
     try:
-        store = ImageStore(open_datastore(datastore), writer_method=opts.writer, workdir=opts.workdir)
+        # the catalogue of a store's images lives as long as the kernel keeps their names (SHORT)
+        store = ImageStore(open_datastore(datastore), writer_method=opts.writer, workdir=opts.workdir,
+                           catalogue_ttl=SHORT)
         imports = ImportRegistry(store)
         ns = Namespace(store, imports, scratch_capacity=opts.scratch_capacity, pid=os.getpid(),
                        uid=os.getuid(), gid=os.getgid())

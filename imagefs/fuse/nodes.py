@@ -318,23 +318,19 @@ class ImageNode(Node):
 
 class ImageDir(ImageNode):
     mode = S.S_IFDIR | 0o755
+    _NODES = {b"import": lambda ref: ImportDir, b"export": lambda ref: ExportDir, b"meta": lambda ref: MetaDir,
+              b"info.json": lambda ref: InfoFile, b"parent": lambda ref: ParentLink if ref.parent else None}
 
     def list(self, ns):
-        ref = self.ref
-        ns.tree(ref)  # open the chain now, in the caller's worker thread
-        out = [(b"rootfs", tree_ino(ref.idx, EXT4_ROOT_INO)),
-               (b"import", ns.node(ImportDir, ref)),
-               (b"export", ns.node(ExportDir, ref)),
-               (b"meta", ns.node(MetaDir, ref)),
-               (b"info.json", ns.node(InfoFile, ref))]
-        if ref.parent is not None:
-            out.append((b"parent", ns.node(ParentLink, ref)))
-        return out
+        return [(b"rootfs", self.find(ns, b"rootfs"))] + [
+            (name, self.find(ns, name)) for name in self._NODES if self.find(ns, name) is not None]
 
     def find(self, ns, name):
         if name == b"rootfs":
-            ns.tree(self.ref)  # open the chain now, in the caller's worker thread
-        return super().find(ns, name)
+            ns.tree(self.ref)  # open the chain only now (in the caller's worker thread)
+            return tree_ino(self.ref.idx, EXT4_ROOT_INO)
+        cls = self._NODES.get(name, lambda ref: None)(self.ref)
+        return None if cls is None else ns.node(cls, self.ref)
 
     def xattrs(self, ns):
         return {XATTR_PREFIX + k.encode(): v.encode() for k, v in _image_info(ns, self.ref).items()

@@ -20,7 +20,7 @@ import trio
 
 from ..errors import ImageFSError, ReadOnly
 from .files import DirHandle, HandleTable
-from .nodes import ImagesDir, ImportDir
+from .nodes import XATTR_PREFIX, ImagesDir, ImportDir
 
 log = logging.getLogger("imagefs.fuse")
 
@@ -248,7 +248,7 @@ class Operations(pyfuse3.Operations):
     # --- xattrs ---------------------------------------------------------------------------
     @_errors_to_errno
     async def getxattr(self, inode, name, ctx):
-        value = (await self._xattrs(inode)).get(name)
+        value = (await self._xattrs(inode, name)).get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
@@ -257,8 +257,10 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode, ctx):
         return list(await self._xattrs(inode))
 
-    async def _xattrs(self, inode):
+    async def _xattrs(self, inode, name=None):
         node = self.ns.resolve(inode)
+        if name is not None and not node.inline and not name.startswith(XATTR_PREFIX):
+            return {}       # synthetic nodes keep user.imagefs.* only: ls -l's ACL questions need no thread
         return await _call(node, node.xattrs, self.ns)
 
     @_errors_to_errno
