@@ -171,8 +171,8 @@ def test_mount_options_are_safe_by_default(mnt):
 
 def test_image_facts(mnt, datastore):  # noqa: F811
     assert sorted(os.listdir(os.path.join(mnt, "s", "images"))) == sorted(IMAGES)
-    assert sorted(os.listdir(image_path(mnt, "child"))) == ["export", "import", "info.json", "meta", "parent",
-                                                            "rootfs"]
+    assert sorted(os.listdir(image_path(mnt, "child"))) == ["export", "import", "info.json", "meta", "parent", "rootfs",
+                                                            "rootfs.tar"]
     assert "parent" not in os.listdir(image_path(mnt, "scratch"))
     assert os.readlink(image_path(mnt, "child", "parent")) == "../base"
     assert os.path.samefile(image_path(mnt, "child", "parent"), image_path(mnt, "base"))

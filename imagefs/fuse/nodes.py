@@ -8,7 +8,8 @@
     <store>/images/<id>/                     ImageDir
         rootfs/...                           the image's tree (ImageTree inodes, not nodes)
         import/<new-id>, <new-id>.error      ImportDir, ImportFile, ImportErrorFile
-        export/<ancestor>[,opts].tar         ExportDir, ExportFile
+        export/<ancestor>[,opts].tar         ExportDir, ExportFile: the diff against an ancestor
+        rootfs[,opts].tar                    WholeImageFile: the whole image as a tar
         meta/<key>                           MetaDir, MetaFile
         parent -> ../<parent-id>             ParentLink (not for scratch)
         info.json                            InfoFile
@@ -31,11 +32,11 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..errors import Exists, InUse, InvalidInput, NotFound, ReadOnly
-from ..ids import SCRATCH, check_id
+from ..ids import check_id
 from ..tree import ROOT_INO as EXT4_ROOT_INO
 from ..tree import Stat
 from .errors import NotEmpty, NotSupported
-from .names import ExportName, export_file_name, parse_export_name
+from .names import WHOLE_IMAGE, ExportName, export_file_name, parse_export_name, parse_whole_image_name
 
 ROOT_INO = 1
 TREE_SHIFT = 32
@@ -251,6 +252,7 @@ class ImageDir(ImageNode):
         out = [(b"rootfs", tree_ino(ref.idx, EXT4_ROOT_INO)),
                (b"import", ns.node(ImportDir, ref)),
                (b"export", ns.node(ExportDir, ref)),
+               (export_file_name(WHOLE_IMAGE).encode(), ns.node(WholeImageFile, (ref, export_file_name(WHOLE_IMAGE)))),
                (b"meta", ns.node(MetaDir, ref)),
                (b"info.json", ns.node(InfoFile, ref))]
         if ref.parent is not None:
@@ -260,6 +262,9 @@ class ImageDir(ImageNode):
     def find(self, ns, name):
         if name == b"rootfs":
             ns.tree(self.ref)  # open the chain now, in the caller's worker thread
+        elif name.startswith(WHOLE_IMAGE.encode() + b","):
+            text = name.decode("utf-8", "surrogateescape")
+            return ns.node(WholeImageFile, (self.ref, text)) if parse_whole_image_name(text) else None
         return super().find(ns, name)
 
     def xattrs(self, ns):
@@ -304,17 +309,17 @@ class MetaFile(ImageNode, ContentFile):
 
 
 class ExportDir(ImageNode):
-    """The ancestors of an image, each as ``<ancestor>.tar``; lookup also takes option-bearing names."""
+    """The ancestors of an image, each as ``<ancestor>.tar`` (scratch has none); lookup also
+    takes option-bearing names."""
 
     def list(self, ns):
-        ancestors = ns.store.ancestors(self.ref.store, self.ref.id) or [SCRATCH]
         return [(export_file_name(a).encode(), ns.node(ExportFile, (self.ref, export_file_name(a))))
-                for a in ancestors]
+                for a in ns.store.ancestors(self.ref.store, self.ref.id)]
 
     def find(self, ns, name):
         text = name.decode("utf-8", "surrogateescape")
         wanted = parse_export_name(text)
-        if wanted is None or wanted.ancestor not in {SCRATCH, *ns.store.ancestors(self.ref.store, self.ref.id)}:
+        if wanted is None or wanted.ancestor not in ns.store.ancestors(self.ref.store, self.ref.id):
             return None
         return ns.node(ExportFile, (self.ref, text))
 
@@ -326,6 +331,14 @@ class ExportFile(ImageNode):
     @property
     def export(self) -> ExportName:
         return parse_export_name(self.key[1])
+
+
+class WholeImageFile(ExportFile):
+    """``rootfs[,opts].tar``: the whole image, a diff against nothing."""
+
+    @property
+    def export(self) -> ExportName:
+        return parse_whole_image_name(self.key[1])
 
 
 class ImportDir(ImageNode):

@@ -20,7 +20,6 @@ import trio
 
 from ..errors import ImageFSError, ReadOnly
 from ..export import export_diff
-from ..ids import SCRATCH
 from .exports import ExportStream
 from .files import BytesFile, DirHandle, ExportFileHandle, HandleTable, TreeFile
 from .imports import ImportHandle
@@ -279,8 +278,8 @@ class Operations(pyfuse3.Operations):
 
         def open_trees():     # in a thread: opening a chain reads VMDK headers
             new = ns.tree(ref)
-            if wanted.ancestor == SCRATCH:
-                return new, None       # scratch.tar: the whole image (every entry an add)
+            if wanted.ancestor is None:
+                return new, None       # rootfs.tar: the whole image (every entry an add)
             return new, ns.tree(ns.image_ref(ns.store.get_image(ref.store, wanted.ancestor)))
 
         new, old = await _in_thread(open_trees)
