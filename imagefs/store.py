@@ -410,7 +410,7 @@ class ImageStore:
                       if self.ds.exists(f"{_image_dir(s, target)}/manifest")]
             if sealed:
                 raise ReadOnly(f"image {target} in store {sealed[0]} is sealed and cannot change; "
-                               "import into a container joined to it instead") from None
+                               "copy into a container joined to it instead") from None
             raise
         backup = f"{c.disk}.import-backup"
         self.ds.copy_file(c.disk, backup)
