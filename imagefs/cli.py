@@ -195,10 +195,6 @@ def cmd_image_meta(args):
 
 def cmd_image_rm(args):
     st = _open_store(args)
-    from .oci.refs import RefStore
-    refs = RefStore(st, args.store).refs_of(args.id)
-    if refs:
-        raise errors.InUse(f"image {args.id} is tagged {', '.join(refs)}; untag it first")
     if args.branch:
         for image_id in st.delete_branch(args.store, args.id, keep=_refs(st, args.store)):
             print(image_id)

@@ -249,6 +249,10 @@ class ImageStore:
         owners = self.owners(store, image_id)
         if owners:
             raise InUse(f"image {image_id} is in use by containers: {', '.join(owners)}")
+        from .oci.refs import RefStore
+        refs = RefStore(self, store).refs_of(image_id)
+        if refs:
+            raise InUse(f"image {image_id} is tagged {', '.join(refs)}; untag it first")
         d = _image_dir(store, image_id)
         self._forget_trees(store, image_id)
         self.ds.remove(f"{d}/manifest")      # first: from here on the image does not exist

@@ -141,3 +141,35 @@ def test_docker_archive_round_trip(ds, mnt, top, tmp_path):
         for path in SKELETON & set(t):
             t[path].pop("mtime")
     assert back == original
+
+
+def test_tags_in_the_cli_and_the_mount(ds, mnt, top):
+    imagefs(ds, "image", "tag", "s", f"{NAME}:{TAG}", "plain")            # :latest added
+    imagefs(ds, "image", "tag", "s", top, "localhost:5000/team/app:v1")
+    rows = {r["id"]: r["refs"] for r in json.loads(imagefs(ds, "image", "ls", "s", "--json").stdout)}
+    assert rows[top] == [f"{NAME}:{TAG}", "localhost:5000/team/app:v1", "plain:latest"]
+    assert "plain:latest" in imagefs(ds, "image", "ls", "s").stdout
+    refs = os.path.join(mnt, "s", "refs")
+    assert sorted(os.listdir(refs)) == ["example", "localhost:5000", "plain:latest"]
+    link = os.path.join(refs, "localhost:5000", "team", "app:v1")
+    assert os.readlink(link) == f"../../../images/{top}"
+    assert os.path.samefile(link, os.path.join(mnt, "s", "images", top))
+    assert os.path.isdir(os.path.join(refs, "plain:latest", "rootfs", "usr"))
+    with pytest.raises(OSError):
+        os.symlink("x", os.path.join(refs, "new:tag"))                   # read-only
+    proc = imagefs(ds, "image", "rm", "s", top, ok=False)
+    assert proc.returncode == 4 and "untag it first" in proc.stderr
+    imagefs(ds, "image", "untag", "s", "plain")
+    imagefs(ds, "image", "untag", "s", "localhost:5000/team/app:v1")
+    assert imagefs(ds, "image", "untag", "s", "plain", ok=False).returncode == 3
+    assert "invalid reference" in imagefs(ds, "image", "tag", "s", top, "Bad Name", ok=False).stderr
+    assert wait_gone(os.path.join(refs, "plain:latest"))
+
+
+def wait_gone(path):
+    import time
+    for _ in range(40):
+        if not os.path.lexists(path):
+            return True
+        time.sleep(0.1)
+    return False

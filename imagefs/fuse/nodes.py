@@ -5,6 +5,7 @@
     /                                        Root: one directory per image store
     <store>/                                 Store
     <store>/images/                          ImagesDir: one directory per sealed image
+    <store>/refs/<name>:<tag>                RefsDir, RefLink -> ../images/<id> (read-only)
     <store>/images/<id>/                     ImageDir
         rootfs/...                           the image's tree (ImageTree inodes, not nodes)
         import/<new-id>, <new-id>.error      ImportDir, ImportFile, ImportErrorFile
@@ -174,7 +175,7 @@ class Store(Node):
         self.store = key
 
     def list(self, ns):
-        return [(b"images", ns.node(ImagesDir, self.store))]
+        return [(b"images", ns.node(ImagesDir, self.store)), (b"refs", ns.node(RefsDir, (self.store, "")))]
 
     def xattrs(self, ns):
         out = {b"user.imagefs.usage": str(ns.store.usage(self.store)).encode(),
@@ -273,6 +274,41 @@ class ImageDir(ImageNode):
             b"user.imagefs.usage": str(ns.store.layer_usage(self.ref.store, self.ref.id)).encode(),
             b"user.imagefs.children": ",".join(ns.store.children(self.ref.store, self.ref.id)).encode(),
             b"user.imagefs.owners": ",".join(ns.store.owners(self.ref.store, self.ref.id)).encode()}
+
+
+class RefsDir(Node):
+    """``<store>/refs/[<registry/path>/]<name>:<tag>`` -> the image directory (read-only).
+
+    A reference's '/'-separated name becomes directories; its last part is a symlink."""
+    mode = S.S_IFDIR | 0o555
+    attr_ttl = SHORT
+    names_ttl = SHORT
+
+    def list(self, ns):
+        from ..oci.refs import RefStore
+        store, prefix = self.key
+        out = {}
+        for ref in RefStore(ns.store, store).list():
+            if not ref.name.startswith(prefix):
+                continue
+            head, slash, _ = ref.name[len(prefix):].partition("/")
+            if slash:
+                out[head] = ns.node(RefsDir, (store, f"{prefix}{head}/"))
+            else:
+                out[head] = ns.node(RefLink, (store, ref.name, ref.image))
+        return sorted((name.encode(), node) for name, node in out.items())
+
+
+class RefLink(Node):
+    mode = S.S_IFLNK | 0o777
+    attr_ttl = SHORT
+
+    def target(self):
+        store, name, image = self.key
+        return b"../" * (name.count("/") + 1) + b"images/" + image.encode()
+
+    def size(self, ns):
+        return len(self.target())
 
 
 class ParentLink(ImageNode):

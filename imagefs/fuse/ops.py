@@ -24,7 +24,8 @@ from .exports import ExportStream
 from .files import BytesFile, DirHandle, ExportFileHandle, HandleTable, TreeFile
 from .imports import ImportHandle
 from .prefetch import Prefetcher
-from .nodes import (LONG, NONE, ContentFile, ExportFile, ImagesDir, ImportDir, ImportFile, ParentLink, is_tree_ino)
+from .nodes import (LONG, NONE, ContentFile, ExportFile, ImagesDir, ImportDir, ImportFile, ParentLink, RefLink,
+                    is_tree_ino)
 
 log = logging.getLogger("imagefs.fuse")
 
@@ -157,7 +158,7 @@ class Operations(pyfuse3.Operations):
         if is_tree_ino(inode):
             return self.ns.tree_readlink(inode)
         node = self.ns.node_at(inode)
-        if not isinstance(node, ParentLink):
+        if not isinstance(node, (ParentLink, RefLink)):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return node.target()
 
