@@ -107,7 +107,7 @@ def test_a_corrupt_layer_is_refused_and_leaves_nothing(tmp_path, oci_images):  #
     imagefs(ds, "store", "create", "s", "--capacity", "256MiB")
     proc = imagefs(ds, "image", "load", "s", str(bad), ok=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert "mismatch" in proc.stderr or "broken gzip" in proc.stderr
+    assert "digest mismatch" in proc.stderr
     assert imagefs(ds, "image", "ls", "s", "-q").stdout == "scratch\n"
 
 

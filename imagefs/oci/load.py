@@ -21,6 +21,7 @@ from .refs import RefStore, normalize_ref
 from .source import open_source
 
 log = logging.getLogger("imagefs.oci")
+CHUNK = 1 << 20
 
 
 @dataclass
@@ -93,8 +94,14 @@ def _write_layer(images, store, parent, image_id, layer, label, progress):
         checked = VerifyingReader(blob, layer.digest, layer.what, size=layer.size,
                                   progress=progress.update if progress is not None else None)
         tar = DecompressingReader(checked, layer.what)
-        images.write_image(store, parent, image_id, tar, expected_sum=layer.diff_id,
-                           metadata={"diffID": layer.diff_id.encode()})
+        try:
+            images.write_image(store, parent, image_id, tar, expected_sum=layer.diff_id,
+                               metadata={"diffID": layer.diff_id.encode()})
+        except InvalidInput:
+            # a damaged blob usually breaks the tar before its end: name the cause if it is that
+            while checked.read(CHUNK):
+                pass
+            raise
     finally:
         blob.close()
         if progress is not None:
