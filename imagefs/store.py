@@ -81,7 +81,10 @@ class ImageStore:
     def create_store(self, name, capacity=scratch_disk.DEFAULT_CAPACITY):
         """Create store ``name`` with its scratch image; Exists if it is there already."""
         check_id(name, "store name")
-        self.ds.mkdir(_store_dir(name))  # atomic: raises Exists for a taken name
+        try:
+            self.ds.mkdir(_store_dir(name))  # atomic: raises Exists for a taken name
+        except Exists:
+            raise Exists(f"image store {name} already exists") from None
         try:
             self.ds.mkdir(_images_dir(name))
             self.ds.mkdir(_image_dir(name, SCRATCH))
