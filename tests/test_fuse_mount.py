@@ -250,3 +250,19 @@ def _errno_of(fn):
     except OSError as e:
         return e.errno
     return None
+
+
+def test_installed_helper_runs_with_an_empty_environment(ds, mnt, tmp_path):
+    """mount(8) runs helpers without PATH or venv: the installed helper names its Python."""
+    from imagefs.fuse.helper import install_helpers
+    helpers = tmp_path / "sbin"
+    helpers.mkdir()
+    written = install_helpers(str(helpers))
+    assert [os.path.basename(p) for p in written] == ["mount.fuse.imagefs", "mount.imagefs"]
+    proc = subprocess.run(["env", "-i", str(helpers / "mount.imagefs"), str(ds), mnt, "-o", "ro"],
+                          capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    assert os.listdir(mnt) == [STORE]
+    with open("/proc/self/mountinfo") as f:
+        (line,) = [line for line in f if line.split()[4] == mnt]
+    assert line.split(" - ")[1].split()[1] == os.path.abspath(ds)     # fstab matches it: mount -a mounts once
