@@ -250,6 +250,8 @@ def test_cli_store_format_and_image_info(tmp_path):
     cli("image", "write", "s", "scratch", "l1", str(tar))
     info = cli("image", "info", "s", "l1").stdout
     assert "format:     seSparse\n" in info and "extents:    VIC/s/images/l1/l1-sesparse.vmdk\n" in info
+    facts = json.loads(cli("image", "info", "s", "l1", "--json").stdout)
+    assert facts["format"] == "seSparse" and facts["extents"] == ["VIC/s/images/l1/l1-sesparse.vmdk"]
     info = cli("image", "info", "s", "scratch").stdout
     assert "format:     vmfs\n" in info and "extents:    VIC/s/images/scratch/scratch-flat.vmdk\n" in info
     bad = cli("store", "create", "t", "--disk-format", "vmfsThin", ok=False)
