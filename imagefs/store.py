@@ -25,7 +25,7 @@ from .vmdk import DiskChain, SparseExtent
 log = logging.getLogger("imagefs.store")
 
 ROOT_DIR = "VIC"
-DATASTORE_NAME = "local"
+DISK_SUFFIX = ".vmdk"
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,8 @@ class ImageStore:
             self.ds.mkdir(_images_dir(name))
             self.ds.mkdir(_image_dir(name, SCRATCH))
             self.ds.mkdir(f"{_image_dir(name, SCRATCH)}/imageMetadata")
-            scratch_disk.make_scratch_disk(self.ds.local_path(_disk_path(name, SCRATCH)), capacity,
-                                           workdir=self.workdir)
+            with self.ds.new_host_dir(_image_dir(name, SCRATCH)) as host:
+                scratch_disk.make_scratch_disk(f"{host}/{SCRATCH}{DISK_SUFFIX}", capacity, workdir=self.workdir)
             self.ds.write_file(f"{_image_dir(name, SCRATCH)}/manifest", b"")
         except BaseException:
             self.ds.rmtree(_store_dir(name))
@@ -131,9 +131,10 @@ class ImageStore:
         with self.ds.lock(f"{_store_dir(store)}/.lock", exclusive=True, blocking=False) as got:
             if not got:
                 return  # a write is in progress; its half-made dir is not garbage yet
-            for image_id in self.ds.listdir(_images_dir(store)):
+            listing = self._listing(store)
+            for image_id, files in listing.items():
                 d = _image_dir(store, image_id)
-                if self.ds.exists(f"{d}/manifest") and self.ds.exists(_disk_path(store, image_id)):
+                if "manifest" in files and f"{image_id}{DISK_SUFFIX}" in files:
                     continue
                 if image_id == SCRATCH:
                     log.warning("store %s: scratch is incomplete; the store is probably unusable", store)
@@ -142,20 +143,30 @@ class ImageStore:
                 self.ds.rmtree(d)
 
     # --- images -------------------------------------------------------------------------------
-    def _image_ids(self, store):
-        return [i for i in self.ds.listdir(_images_dir(store))
-                if self.ds.exists(f"{_image_dir(store, i)}/manifest")]
+    def _listing(self, store):
+        """``{image id: {relative path: Entry}}`` of a store's images dir, from one scan."""
+        out = {}
+        for rel, entry in self.ds.scan(_images_dir(store)).items():
+            image_id, _, inner = rel.partition("/")
+            files = out.setdefault(image_id, {})
+            if inner:
+                files[inner] = entry
+        return out
 
-    def _read_extent(self, disk):
-        handle = self.ds.open_read(disk)
+    def _image_ids(self, store, listing=None):
+        listing = self._listing(store) if listing is None else listing
+        return sorted(i for i, files in listing.items() if "manifest" in files)
+
+    def _read_extent(self, disk, known=None):
+        handle = self.ds.open_read(disk, known=known)
         try:
             return SparseExtent(disk, handle)
         finally:
             handle.close()
 
-    def _parent_of_disk(self, disk):
+    def _parent_of_disk(self, disk, known=None):
         """(parent image id or None, parent disk path) from a disk's descriptor."""
-        extent = self._read_extent(disk)
+        extent = self._read_extent(disk, known)
         if not extent.parent_hint or extent.parent_cid == "ffffffff":
             return None, None
         parent_disk = posixpath.normpath(posixpath.join(posixpath.dirname(disk), extent.parent_hint))
@@ -164,22 +175,31 @@ class ImageStore:
     def get_image(self, store, image_id):
         self.get_store(store)
         check_id(image_id)
-        d = _image_dir(store, image_id)
-        if not self.ds.exists(f"{d}/manifest"):
+        try:
+            files = self.ds.scan(_image_dir(store, image_id))
+        except NotFound:
+            files = {}
+        return self._image(store, image_id, files)
+
+    def _image(self, store, image_id, files):
+        """The Image from the files of its directory (one scan's worth)."""
+        if "manifest" not in files:
             raise NotFound(f"image {image_id} not found in store {store}")
         disk = _disk_path(store, image_id)
-        if not self.ds.exists(disk):
+        if f"{image_id}{DISK_SUFFIX}" not in files:
             raise NotFound(f"image {image_id} in store {store} has no disk")
-        parent = None if image_id == SCRATCH else self._parent_of_disk(disk)[0]
-        try:
-            keys = tuple(self.ds.listdir(f"{d}/imageMetadata"))
-        except NotFound:
-            keys = ()
+        known = files[f"{image_id}{DISK_SUFFIX}"]
+        parent = None if image_id == SCRATCH else self._parent_of_disk(disk, known)[0]
+        keys = tuple(sorted(k.split("/", 1)[1] for k, e in files.items()
+                            if k.startswith("imageMetadata/") and not e.is_dir))
         return Image(image_id, store, parent, disk, keys)
 
     def list_images(self, store, include_scratch=True):
+        """Every image of a store: one datastore scan, plus each disk's descriptor
+        (read once: sealed descriptors never change, and remote backends cache them)."""
         self.get_store(store)
-        return [self.get_image(store, i) for i in self._image_ids(store)
+        listing = self._listing(store)
+        return [self._image(store, i, listing[i]) for i in self._image_ids(store, listing)
                 if include_scratch or i != SCRATCH]
 
     def children(self, store, image_id):
@@ -224,10 +244,10 @@ class ImageStore:
                 raise Exists(f"image {image_id} already exists in store {store}") from None
             try:
                 self.ds.mkdir(f"{d}/imageMetadata")
-                result = write_layer(self.ds.local_path(parent.disk),
-                                     self.ds.local_path(_disk_path(store, image_id)), stream,
-                                     expected_sum=expected_sum, method=self.writer_method,
-                                     workdir=self.workdir, progress=progress)
+                with self.host_chain(parent.disk) as parent_host, self.ds.new_host_dir(d) as host:
+                    result = write_layer(parent_host, f"{host}/{image_id}{DISK_SUFFIX}", stream,
+                                         expected_sum=expected_sum, method=self.writer_method,
+                                         workdir=self.workdir, progress=progress)
                 for key, value in metadata.items():
                     self.ds.write_file(f"{d}/imageMetadata/{key}", bytes(value))
                 self.ds.write_file(f"{d}/manifest", b"")
@@ -284,6 +304,31 @@ class ImageStore:
     def open_chain(self, disk):
         return DiskChain(disk, self.ds.open_read)
 
+    @contextmanager
+    def host_chain(self, disk):
+        """``with st.host_chain(disk) as host:`` the host path of ``disk`` with its whole
+        chain (every disk file of every layer) beside it, for qemu tools to read."""
+        chain = self.open_chain(disk)
+        try:
+            layers = [layer.path for layer in chain.layers]
+        finally:
+            chain.close()
+        files, scans = [], {}
+        for layer in layers:
+            d, name = posixpath.split(layer)
+            parent = posixpath.dirname(d)
+            # one scan of a store's images dir serves every layer in it
+            where = parent if parent.endswith("/images") else d
+            if where not in scans:
+                scans[where] = self.ds.scan(where)
+            sub = d[len(where):].strip("/")
+            files.append(layer)
+            files += [f"{d}/{n.rpartition('/')[2]}" for n, e in scans[where].items()
+                      if not e.is_dir and n.endswith(DISK_SUFFIX) and n.rpartition("/")[0] == sub
+                      and n.rpartition("/")[2] != name]
+        with self.ds.host_files(files) as hosts:
+            yield hosts[0]
+
     def tree(self, store, image_id):
         """The (cached) read API of a sealed image.
 
@@ -296,7 +341,7 @@ class ImageStore:
         if tree is not None:
             try:
                 current = self._read_extent(_disk_path(store, image_id)).cid
-            except (ImageFSError, FileNotFoundError):
+            except ImageFSError:
                 current = None
             if current == tree.chain.layers[0].cid and self.ds.exists(f"{_image_dir(store, image_id)}/manifest"):
                 return tree
@@ -316,19 +361,19 @@ class ImageStore:
 
     # --- usage, URLs ----------------------------------------------------------------------------
     def layer_usage(self, store, image_id):
-        """Bytes of the VMDK files of one layer."""
+        """Bytes of the VMDK files of one layer, as the datastore reports them."""
         self.get_image(store, image_id)
-        d = _image_dir(store, image_id)
-        return sum(self.ds.size(f"{d}/{n}") for n in self.ds.listdir(d) if n.endswith(".vmdk"))
+        return _disk_bytes(self.ds.scan(_image_dir(store, image_id)))
 
     def usage(self, store):
-        """Bytes of all layer VMDKs of a store, scratch excluded (as VIC counts)."""
+        """Bytes of all layer VMDKs of a store, scratch excluded (as VIC counts): one scan."""
         self.get_store(store)
-        return sum(self.layer_usage(store, i) for i in self._image_ids(store) if not i.startswith(SCRATCH))
+        listing = self._listing(store)
+        return sum(_disk_bytes(listing[i]) for i in self._image_ids(store, listing) if not i.startswith(SCRATCH))
 
     def datastore_path(self, store, image_id):
         img = self.get_image(store, image_id)
-        return f"[{DATASTORE_NAME}] {img.disk}"
+        return self.ds.datastore_path(img.disk)
 
     def url(self, store, image_id):
         """The ``ds://`` URL of a layer's disk, escaped as VIC's url.URL.String() does."""
@@ -347,7 +392,8 @@ class ImageStore:
         except Exists:
             raise Exists(f"container {container_id} already exists") from None
         try:
-            create_child_disk(self.ds.local_path(img.disk), self.ds.local_path(_container_disk(container_id)))
+            with self.host_chain(img.disk) as parent_host, self.ds.new_host_dir(container_id) as host:
+                create_child_disk(parent_host, f"{host}/{container_id}{DISK_SUFFIX}")
         except BaseException:
             self.ds.rmtree(container_id)
             raise
@@ -390,8 +436,8 @@ class ImageStore:
         from .layer.writer import writable_mount
 
         c = self.get_container(container_id)
-        with writable_mount(self.ds.local_path(c.disk), method=method or self.writer_method,
-                            workdir=self.workdir) as mounted:
+        with self.host_chain(_disk_path(c.store, c.image)), self.ds.edit_host_file(c.disk) as host, \
+                writable_mount(host, method=method or self.writer_method, workdir=self.workdir) as mounted:
             yield mounted
 
     def container_import(self, target, stream, *, spec=None, store=None):
@@ -412,17 +458,9 @@ class ImageStore:
                 raise ReadOnly(f"image {target} in store {sealed[0]} is sealed and cannot change; "
                                "import into a container joined to it instead") from None
             raise
-        backup = f"{c.disk}.import-backup"
-        self.ds.copy_file(c.disk, backup)
-        try:
-            with self.container_root(target) as mounted:
-                stats = apply_layer(mounted.root, stream, path_filter=spec.to_path_filter() if spec else None,
-                                    whiteouts=False, deferred=mounted.deferred)
-        except BaseException:
-            self.ds.replace(backup, c.disk)
-            raise
-        self.ds.remove(backup)
-        return stats
+        with self.container_root(c.id) as mounted:     # stored only if all of it went in
+            return apply_layer(mounted.root, stream, path_filter=spec.to_path_filter() if spec else None,
+                               whiteouts=False, deferred=mounted.deferred)
 
     def container_export(self, container_id, *, changes=False, spec=None, data=True):
         """A tar stream of a container's tree (VIC's data source), or with ``changes`` only
@@ -437,3 +475,8 @@ class ImageStore:
         """A fresh read API of a container's disk (not cached: the disk can change)."""
         c = self.get_container(container_id)
         return ImageTree(self.open_chain(c.disk), name=f"container {container_id}")
+
+
+def _disk_bytes(files):
+    """Bytes of the disk files among one image directory's entries."""
+    return sum(e.size for n, e in files.items() if "/" not in n and n.endswith(DISK_SUFFIX) and not e.is_dir)

@@ -12,6 +12,7 @@ APT_PACKAGES=(
   attr acl tar gzip bzip2 xz-utils zstd  # getfattr/setfattr, setfacl/getfacl; compressed layer inputs
   umoci                                  # independent layer applier used as a test oracle
   fio util-linux procps psmisc           # benchmarks; mount/losetup/setpriv; pkill/fuser
+  golang-go golang-github-vmware-govmomi-dev openssl  # the vSphere simulator the tests build (scripts/build-vcsim.sh)
   python3 python3-venv python3-dev gcc
 )
 
