@@ -97,7 +97,9 @@ class ImageStore:
         return name
 
     def list_stores(self):
-        return [n for n in self.ds.listdir(ROOT_DIR) if self.ds.is_dir(_images_dir(n))]
+        entries = self.ds.scan(ROOT_DIR)
+        return sorted(n for n, e in entries.items() if "/" not in n and e.is_dir
+                      and getattr(entries.get(f"{n}/images"), "is_dir", False))
 
     def get_store(self, name):
         """Check that store ``name`` exists; the first time, remove half-made images (no manifest)."""
@@ -381,12 +383,19 @@ class ImageStore:
         return "ds://" + quote(self.datastore_path(store, image_id), safe="/")
 
     # --- containers -----------------------------------------------------------------------------
-    def join(self, store, image_id, container_id):
-        """Create a container's read-write disk as a child of an image; the image is then in use."""
+    def join(self, store, image_id, container_id, vm=None, repo=None):
+        """Create a container's read-write disk as a child of an image; the image is then in use.
+
+        With ``vm`` (vSphere) the disk is created by the host and added to that VM
+        (datastore/vsphere/join.py); without, it is made here and stored as a file.
+        """
         from .layer.writer import create_child_disk
 
         check_id(container_id, "container ID")
         img = self.get_image(store, image_id)
+        if vm is not None:
+            from .datastore.vsphere.join import join_vm
+            return join_vm(self, img, container_id, vm, repo)
         try:
             self.ds.mkdir(container_id)
         except Exists:
@@ -403,8 +412,8 @@ class ImageStore:
         out = []
         for name in self.ds.listdir(""):
             disk = _container_disk(name)
-            if name == ROOT_DIR or not self.ds.exists(disk):
-                continue
+            if name == ROOT_DIR or not self.ds.exists(disk) or self.ds.size(disk) == 0:
+                continue            # (a VM's disk in the simulator is an empty placeholder)
             try:
                 parent_id, parent_disk = self._parent_of_disk(disk)
             except ImageFSError as e:
@@ -421,14 +430,25 @@ class ImageStore:
                 return c
         raise NotFound(f"container {container_id} not found")
 
-    def owners(self, store, image_id):
-        """IDs of the containers whose read-write disk is a child of this image's disk."""
-        return sorted(c.id for c in self.list_containers() if c.store == store and c.image == image_id)
+    def owners(self, store, image_id, vm_filter=None):
+        """What uses this image: IDs of the containers whose read-write disk is a child of
+        its disk, and, on a datastore with VMs, the names of the VMs whose disks use its
+        disk directly or through a parent (read live; ``vm_filter(VMOwner)`` keeps some)."""
+        out = {c.id for c in self.list_containers() if c.store == store and c.image == image_id}
+        if self.ds.vms is not None:
+            out |= {o.name for o in self.ds.vms.owners(_disk_path(store, image_id), vm_filter)}
+        return sorted(out)
 
     def remove_container(self, container_id):
         c = self.get_container(container_id)
         self.ds.rmtree(container_id)
         return c
+
+    def detach(self, container_id, vm, destroy=False):
+        """Take a joined container's disk off VM ``vm``: kept, or with ``destroy`` deleted."""
+        from .datastore.vsphere.join import detach_vm
+        check_id(container_id, "container ID")
+        detach_vm(self, container_id, vm, destroy)
 
     @contextmanager
     def container_root(self, container_id, method=None):

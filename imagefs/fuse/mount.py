@@ -41,6 +41,9 @@ def mount(datastore: str, mountpoint: str, *, foreground=False, options=()) -> i
         mountpoint = _check_mountpoint(mountpoint)
         if opts.workdir and _is_inside(os.path.abspath(opts.workdir), mountpoint):
             raise InvalidInput("workdir must not be inside the mountpoint")
+        if opts.datastore.get("cache_dir") and _is_inside(os.path.abspath(opts.datastore["cache_dir"]), mountpoint):
+            raise InvalidInput("cache_dir must not be inside the mountpoint")
+        _ask_password_now(datastore, opts)
     except ImageFSError as e:
         print(f"imagefs: {e}", file=sys.stderr)
         return 1
@@ -79,7 +82,8 @@ def _run(datastore, mountpoint, opts, ready):
     """Mount and serve until unmounted; ``ready()`` is called once requests are served."""
     _setup_logging(opts, background=ready is not None)
     try:
-        store = ImageStore(open_datastore(datastore), writer_method=opts.writer, workdir=opts.workdir)
+        store = ImageStore(open_datastore(datastore, opts.datastore), writer_method=opts.writer,
+                           workdir=opts.workdir)
         imports = ImportRegistry(store)
         ns = Namespace(store, imports, scratch_capacity=opts.scratch_capacity, pid=os.getpid(),
                        uid=os.getuid(), gid=os.getgid())
@@ -189,6 +193,16 @@ def _setup_logging(opts, background):
 
 
 # --- helpers ---------------------------------------------------------------------------------
+def _ask_password_now(datastore, opts):
+    """A daemon has no terminal: a vSphere password to prompt for is asked before it starts
+    (kept in memory, handed over by fork, never on a command line)."""
+    if not str(datastore).startswith("vsphere://") or os.environ.get("IMAGEFS_VSPHERE_PASSWORD") \
+            or opts.datastore.get("password_file"):
+        return
+    from ..datastore.vsphere.url import parse_url, read_password
+    opts.datastore["password"] = read_password(parse_url(datastore), opts.datastore)
+
+
 def _check_mountpoint(mountpoint):
     mp = os.path.abspath(mountpoint)
     if not os.path.isdir(mp):

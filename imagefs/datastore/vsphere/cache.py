@@ -17,6 +17,7 @@ pinned by a running tool excepted). One process owns a cache root at a time (flo
 another process meanwhile gets a private cache of its own, removed when it closes.
 """
 import collections
+import ctypes
 import fcntl
 import hashlib
 import logging
@@ -30,7 +31,9 @@ log = logging.getLogger("imagefs.vsphere")
 BLOCK = 1 << 20
 MAX_RUN = 16            # blocks fetched by one request at most
 DEFAULT_LIMIT = 4 << 30
-_PUNCH = getattr(os, "FALLOC_FL_PUNCH_HOLE", 2) | getattr(os, "FALLOC_FL_KEEP_SIZE", 1)
+_FALLOC_PUNCH = 0x02 | 0x01         # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE (linux/falloc.h)
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
 class CachedFile:
@@ -265,7 +268,7 @@ class BlockCache:
                 skipped.append((path, b))
                 continue
             cf.mark(b, False)                           # unmark first: never a present hole
-            os.fallocate(cf.fd, _PUNCH, b * BLOCK, BLOCK)
+            _punch_hole(cf.fd, b * BLOCK, BLOCK)
             self.held -= BLOCK
         for key in reversed(skipped):
             self._lru[key] = None
@@ -281,6 +284,13 @@ class BlockCache:
         elif self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _punch_hole(fd, offset, length):
+    """Give a block's space back (Python has no fallocate(2) of its own)."""
+    if _libc.fallocate(fd, _FALLOC_PUNCH, offset, length) != 0:
+        err = ctypes.get_errno()
+        log.warning("cache: cannot punch a hole (%s): the block stays on disk", os.strerror(err))
 
 
 def _runs(blocks, limit):

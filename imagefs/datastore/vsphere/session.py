@@ -109,6 +109,7 @@ class Session:
         self._password = password
         self.ctx = ctx
         self._lock = threading.Lock()
+        self.generation = 0         # logins so far on this connection
         self.si = None
         self._login()
 
@@ -122,9 +123,7 @@ class Session:
             if mapped is None:
                 raise
             raise mapped from None
-        old, self.si = self.si, si
-        if old is not None:
-            _quiet_disconnect(old)
+        self.si = si
         log.debug("logged in to %s:%d as %s", loc.host, loc.port, loc.user)
 
     @property
@@ -136,25 +135,32 @@ class Session:
         """The session cookie for datastore HTTP transfers (``name=value``)."""
         return self.si._stub.cookie.split(";", 1)[0]
 
-    def relogin(self, seen_si):
-        """Log in again unless another thread already did since ``seen_si`` was current."""
+    def relogin(self, seen):
+        """Log in again on the same connection, so that every managed object already held
+        (bound to it) keeps working. Skipped when another thread logged in since the
+        caller saw generation ``seen``."""
         with self._lock:
-            if self.si is seen_si:
-                self._login()
+            if self.generation != seen:
+                return
+            try:
+                self.si.content.sessionManager.Login(self.location.user, self._password)
+            except Exception as e:          # noqa: BLE001 - one line, whatever went wrong
+                raise connect_error(e, self.location) or e from None
+            self.generation += 1
 
     def call(self, fn, what, safe=True):
         """``fn(content)`` with retries: transient failures are retried with backoff when
         ``safe``; a lost session means a new login first. Faults are mapped for ``what``."""
         delay = BACKOFF
         for attempt in range(RETRIES + 1):
-            si = self.si
+            seen = self.generation
             try:
-                return fn(si.content)
+                return fn(self.si.content)
             except vim.fault.NotAuthenticated:
                 if attempt == RETRIES:
                     raise Unavailable(f"{what}: the vSphere session keeps expiring") from None
                 log.info("vSphere session expired: logging in again")
-                self.relogin(si)
+                self.relogin(seen)
                 # a call refused for want of a session did nothing: always safe to repeat
             except vmodl.MethodFault as fault:
                 raise map_fault(fault, what) from None

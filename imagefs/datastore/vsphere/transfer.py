@@ -43,7 +43,7 @@ class Transfer:
         """One request with retries; the response (preloaded unless told otherwise)."""
         delay = BACKOFF
         for attempt in range(RETRIES + 1):
-            si = self.session.si
+            seen = self.session.generation
             hdrs = {"Cookie": self.session.cookie, **(headers or {})}
             body = body_factory() if body_factory else None
             try:
@@ -70,7 +70,7 @@ class Transfer:
                 raise Exists(f"{what}: already exists")
             if status in (401, 403) and attempt < RETRIES:
                 log.info("%s: HTTP %s: logging in again", what, status)
-                self.session.relogin(si)
+                self.session.relogin(seen)
                 continue
             if status in (401, 403):
                 raise PermissionDenied(f"{what}: permission denied (HTTP {status})")

@@ -68,6 +68,8 @@ def parse_url(spec):
 def read_password(location, options):
     """The password: $IMAGEFS_VSPHERE_PASSWORD, else the password file, else a prompt on a
     terminal. Never from the command line, never logged."""
+    if options.get("password"):                 # asked already (a mount asks before it forks)
+        return options["password"]
     env = os.environ.get("IMAGEFS_VSPHERE_PASSWORD")
     if env:
         return env
