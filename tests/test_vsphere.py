@@ -312,6 +312,20 @@ def test_vsphere_lock_holds_across_datastore_objects(st, vsphere_env, folder):
         other.close()
 
 
+def test_vsphere_lock_of_a_dead_holder_goes_stale(st, vsphere_env, folder):
+    from imagefs.datastore.vsphere.lock import LEASE
+    host = os.path.join(vsphere_env.ds_dir, folder, "VIC/s/.lock.x")
+    os.mkdir(host)                                   # a holder that crashed...
+    with st.ds.lock("VIC/s/.lock", exclusive=False, blocking=False) as got:
+        assert got is False                         # ...counts while its lease runs
+    old = os.stat(host).st_mtime - LEASE - 60
+    os.utime(host, (old, old))                      # ...and no longer once it has expired
+    with st.ds.lock("VIC/s/.lock", exclusive=True, blocking=False) as got:
+        assert got is True
+        assert os.path.exists(os.path.join(host, "beat"))   # ours now, beating
+    assert not os.path.exists(host)
+
+
 # --- what lands on the datastore ------------------------------------------------------------------------
 def test_vsphere_uploaded_layer_reads_back_through_qemu_img(st, vsphere_env, folder, tmp_path):
     write(st, "scratch", "a", [("d/f", "file", {"data": os.urandom(200000)})])
@@ -392,7 +406,17 @@ def test_vsphere_cache_is_private_while_another_process_holds_it(vsphere_env, tm
     assert not first.private and second.private and second.root != root
     second.close()
     assert not os.path.exists(second.root)
-    first.close()
+    # a private cache whose process died (its lock is free) is swept; a live one is not
+    dead = tmp_path / "private-dead"
+    dead.mkdir()
+    (dead / "lock").write_bytes(b"")
+    third = block_cache.BlockCache(root, 1 << 30, lambda *a: b"")
+    assert third.private and os.path.exists(third.root) and not dead.exists()
+    fourth = block_cache.BlockCache(root, 1 << 30, lambda *a: b"")
+    assert os.path.exists(third.root)
+    for c in (fourth, third, first):
+        c.close()
+    assert sorted(os.listdir(tmp_path)) == ["c"]
 
 
 # --- the mount ----------------------------------------------------------------------------------------------

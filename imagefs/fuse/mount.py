@@ -100,6 +100,7 @@ def _run(datastore, mountpoint, opts, ready):
         trio.run(_serve, ops, mountpoint, ready)
     finally:
         pyfuse3.close(unmount=True)
+        store.ds.close()          # the daemon leaves with os._exit: no atexit hooks run
     log.info("unmounted %s", mountpoint)
     return 0
 

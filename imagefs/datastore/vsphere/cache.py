@@ -16,6 +16,7 @@ exceed the limit, the least recently read ones are punched out of their files (f
 pinned by a running tool excepted). One process owns a cache root at a time (flock);
 another process meanwhile gets a private cache of its own, removed when it closes.
 """
+import atexit
 import collections
 import ctypes
 import fcntl
@@ -31,6 +32,7 @@ log = logging.getLogger("imagefs.vsphere")
 BLOCK = 1 << 20
 MAX_RUN = 16            # blocks fetched by one request at most
 DEFAULT_LIMIT = 4 << 30
+_PRIVATE_PREFIX = "private-"
 _FALLOC_PUNCH = 0x02 | 0x01         # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE (linux/falloc.h)
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
@@ -79,16 +81,19 @@ class BlockCache:
         self.held = 0                               # bytes of blocks present
         self.fetched = 0                            # bytes fetched from the datastore (for tests/bench)
         os.makedirs(root, exist_ok=True)
-        self._lock_fd = os.open(os.path.join(root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _remove_dead_private_caches(os.path.dirname(root))
+        self._lock_fd = _try_lock(os.path.join(root, "lock"))
+        if self._lock_fd >= 0:
             self.root, self.private = root, False
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
-            self.root = tempfile.mkdtemp(prefix="imagefs-cache-", dir=os.path.dirname(root))
+        else:
+            # locked before it carries the name that the sweep of dead caches looks for
+            new = tempfile.mkdtemp(prefix=".new-", dir=os.path.dirname(root))
+            self._lock_fd = _try_lock(os.path.join(new, "lock"))
+            self.root = os.path.join(os.path.dirname(root), _PRIVATE_PREFIX + os.path.basename(new)[5:])
+            os.rename(new, self.root)
             self.private = True
             log.info("cache %s is in use by another process; using a private cache", root)
+        atexit.register(self.close)
         os.makedirs(os.path.join(self.root, "files"), exist_ok=True)
         os.makedirs(os.path.join(self.root, "meta"), exist_ok=True)
         self._account_existing()
@@ -281,9 +286,37 @@ class BlockCache:
             self._files.clear()
         if self.private:
             shutil.rmtree(self.root, ignore_errors=True)
-        elif self._lock_fd >= 0:
+        if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+        atexit.unregister(self.close)
+
+
+def _try_lock(path):
+    """An fd holding an exclusive flock on ``path``, or -1 if another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        os.close(fd)
+        return -1
+
+
+def _remove_dead_private_caches(parent):
+    """Private caches left by processes that died: their lock is free (a live owner holds
+    it for as long as it runs), so they provably belong to no one."""
+    for name in os.listdir(parent):
+        if not name.startswith(_PRIVATE_PREFIX):
+            continue
+        path = os.path.join(parent, name)
+        try:
+            fd = _try_lock(os.path.join(path, "lock"))
+        except OSError:
+            continue
+        if fd >= 0:
+            shutil.rmtree(path, ignore_errors=True)
+            os.close(fd)
 
 
 def _punch_hole(fd, offset, length):
