@@ -57,6 +57,7 @@ class CachedFile:
         if fresh:
             _write_text(self._meta + ".key", f"{stamp}\n{path}")
         self.pins = 0
+        self.next, self.ahead = -1, 0       # a sequential reader's next block, read-ahead window
 
     def mark(self, block, on):
         self.present[block] = 1 if on else 0
@@ -189,6 +190,8 @@ class BlockCache:
         for _ in range(3):
             with self._lock:
                 missing = [b for b in range(first, last + 1) if not cf.present[b] and b not in fetched]
+                if missing and not fetched:
+                    missing += self._read_ahead(cf, first, last)
                 if not missing:
                     for b in range(first, last + 1):
                         if (cf.path, b) in self._lru:
@@ -199,6 +202,18 @@ class BlockCache:
             fetched.update(self._fetch_blocks(cf, missing))
         with self._lock:                    # a cache smaller than one read: serve what we hold
             return self._assemble(cf, offset, length, fetched)
+
+    def _read_ahead(self, cf, first, last):
+        """Blocks to fetch beyond a sequential reader's request: the window doubles with
+        each read that continues the last one, up to MAX_RUN blocks (lock held)."""
+        cf.ahead = min(max(cf.ahead * 2, 1), MAX_RUN) if first in (cf.next, cf.next - 1) else 0
+        cf.next = last + 1
+        extra = []
+        for b in range(last + 1, min(last + 1 + cf.ahead, cf.nblocks)):
+            if cf.present[b]:
+                break
+            extra.append(b)
+        return extra
 
     def _assemble(self, cf, offset, length, fetched):
         out = []
