@@ -447,6 +447,33 @@ def test_vsphere_mount_browse_import_export(vsphere_env, folder, tmp_path):
     assert [i.id for i in ImageStore(open_datastore(spec)).list_images("s")] == ["l1", "scratch"]
 
 
+def test_vsphere_fstab_line_through_the_mount_helper(vsphere_env, folder, tmp_path, monkeypatch):
+    """What an fstab line gives mount(8)'s helper: the URL, password and CA as options."""
+    from fuse_fixtures import unmount
+    spec = vsphere_env.url(folder)
+    assert cli(spec, "store", "create", "s", "--capacity", "64MiB").returncode == 0
+    pw = tmp_path / "pw"
+    pw.write_text(vsphere_sim.PASSWORD + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEFS_VSPHERE")}
+    env["IMAGEFS_DATASTORE"] = "/nonexistent"      # the URL on the line wins
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    helper = os.path.join(os.path.dirname(__file__), "..", "mount_helpers", "mount.imagefs")
+    proc = subprocess.run([helper, spec, str(mnt), "-o",
+                           f"password_file={pw},ca_file={vsphere_env.ca_file},_netdev,allow_other"],
+                          env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert os.listdir(mnt) == ["s"]
+        assert os.getxattr(str(mnt), "user.imagefs.datastore").decode() == spec
+    finally:
+        unmount(mnt)
+    # the environment's datastore when none is named
+    out = subprocess.run([sys.executable, "-m", "imagefs", "store", "ls"], capture_output=True,
+                         env=dict(os.environ, IMAGEFS_DATASTORE=spec))
+    assert out.returncode == 0 and out.stdout == b"s\n", out.stderr
+
+
 def test_vsphere_mount_refuses_without_a_password(vsphere_env, folder, tmp_path, monkeypatch):
     from fuse_fixtures import mount_cmd
     monkeypatch.delenv("IMAGEFS_VSPHERE_PASSWORD")
