@@ -76,18 +76,20 @@ def read_file(st, image):
 
 
 class UploadClock:
-    """Seconds the vSphere datastore spends in uploads."""
+    """Seconds the vSphere datastore spends in uploads, and the bytes it uploads."""
 
     def __init__(self, ds):
         self.seconds = 0.0
+        self.bytes = 0
         inner = ds.transfer.upload
 
-        def timed(*args):
+        def timed(host_path, path):
             t = time.perf_counter()
             try:
-                return inner(*args)
+                return inner(host_path, path)
             finally:
                 self.seconds += time.perf_counter() - t
+                self.bytes += os.path.getsize(host_path)
         ds.transfer.upload = timed
 
 
@@ -110,8 +112,10 @@ def main():
             return ImageStore(open_datastore(spec[name], {"cache_dir": cache_dir, "cache_size": "1GiB"}))
 
         stores = {n: open_store(n) for n in spec}
+        scratch_upload = UploadClock(stores["vsphere"].ds)
         for st in stores.values():
-            st.create_store("bench", capacity="2GB")
+            st.create_store("bench", capacity="8GB")
+        scratch_bytes = scratch_upload.bytes
         tar = os.path.join(work, "big.tar")
         big_tar(tar)
         for st in stores.values():
@@ -131,6 +135,7 @@ def main():
                     rows[f"import {name}"].append(time.perf_counter() - t)
                     if name == "vsphere":
                         rows["upload"].append(clock.seconds - before)
+                        layer_bytes = clock.bytes
             for name in stores:
                 stores[name].ds.close()
                 if name == "vsphere":                  # an empty block cache
@@ -159,6 +164,8 @@ def main():
         print(f"layer1 import: vsphere/local {med['import vsphere'] / med['import local']:.2f};"
               f" vsphere/(local + upload) {med['import vsphere'] / (med['import local'] + med['upload']):.2f}"
               f" (goal <= 1.5); upload {med['upload']:.2f} s")
+        print(f"uploaded: store with an 8 GB scratch {scratch_bytes / 1e6:.1f} MB; "
+              f"layer1 ({os.path.getsize(layer1) / 1e6:.0f} MB tar) {layer_bytes / 1e6:.1f} MB")
         for st in stores.values():
             st.ds.close()
     finally:
