@@ -11,6 +11,7 @@ $REQUESTS_CA_BUNDLE replace the CA choice made on the command line.
 """
 import logging
 import os
+import ssl
 import time
 from urllib.parse import quote, urlencode
 
@@ -32,6 +33,8 @@ class Transfer:
         host = f"[{loc.host}]" if ":" in loc.host else loc.host
         self._base = f"https://{host}:{loc.port}/folder/"
         self._query = "?" + urlencode({"dcPath": datacenter, "dsName": datastore})
+        if session.ctx.verify_mode == ssl.CERT_NONE:     # --insecure: said once already, not per request
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
         self._pool = urllib3.PoolManager(num_pools=2, maxsize=8, ssl_context=session.ctx,
                                          timeout=urllib3.Timeout(connect=30, read=300), retries=False)
 
