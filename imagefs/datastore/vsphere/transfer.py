@@ -23,7 +23,7 @@ from .session import BACKOFF, RETRIES
 log = logging.getLogger("imagefs.vsphere")
 
 CHUNK = 1 << 20
-_TRANSIENT_STATUS = {500, 502, 503, 504}
+_TRANSIENT_STATUS = {502, 503, 504}
 
 
 class Transfer:
