@@ -193,6 +193,34 @@ def test_vsphere_usage_equals_the_bytes_in_the_datastore_folder(st, vsphere_env,
     assert st.ds.names[0] == "LocalDS_0"
 
 
+def test_vsphere_listing_a_store_costs_the_same_for_any_number_of_images(st):
+    """One datastore search per listing whatever the number of images; descriptors are
+    read once and then come from the cache."""
+    calls = {"search": 0, "read": 0}
+    search, read = st.ds._search, st.ds.transfer.read_range
+
+    def counted_search(*a, **kw):
+        calls["search"] += 1
+        return search(*a, **kw)
+
+    def counted_read(*a, **kw):
+        calls["read"] += 1
+        return read(*a, **kw)
+    st.ds._search, st.ds.transfer.read_range = counted_search, counted_read
+    st.ds.cache._fetch = counted_read
+    costs = []
+    for n in range(1, 5):
+        write(st, "scratch" if n == 1 else f"i{n - 1}", f"i{n}", [(f"f{n}", "file", {"data": b"x"})])
+        if n in (1, 4):
+            st.list_images("s")                         # fills the descriptor cache
+            calls.update(search=0, read=0)
+            assert len(st.list_images("s")) == n + 1
+            costs.append(dict(calls))
+    assert costs[0] == costs[1] and costs[0]["read"] == 0 and costs[0]["search"] <= 2, costs
+    calls.update(search=0, read=0)
+    assert st.usage("s") > 0 and calls["search"] <= 2
+
+
 # --- TLS, login, reachability ---------------------------------------------------------------------------
 def test_vsphere_tls_with_the_projects_test_certificate(vsphere_env, folder, monkeypatch, tmp_path):
     # verified against our own 2048-bit certificate, given as a CA file on the command line
