@@ -409,13 +409,15 @@ class ImageStore:
         return Container(container_id, store, image_id, _container_disk(container_id))
 
     def list_containers(self):
+        """Containers from their disks, ``<id>/<id>.vmdk`` at the datastore's top (one scan)."""
         out = []
-        for name in self.ds.listdir(""):
-            disk = _container_disk(name)
-            if name == ROOT_DIR or not self.ds.exists(disk) or self.ds.size(disk) == 0:
+        for rel, entry in sorted(self.ds.scan("", pattern=f"*{DISK_SUFFIX}").items()):
+            name, _, file = rel.partition("/")
+            if name == ROOT_DIR or file != f"{name}{DISK_SUFFIX}" or entry.is_dir or entry.size == 0:
                 continue            # (a VM's disk in the simulator is an empty placeholder)
+            disk = _container_disk(name)
             try:
-                parent_id, parent_disk = self._parent_of_disk(disk)
+                parent_id, parent_disk = self._parent_of_disk(disk, entry)
             except ImageFSError as e:
                 log.warning("container %s: unreadable disk: %s", name, e)
                 continue

@@ -65,9 +65,11 @@ class Datastore(ABC):
         """Names in a directory (sorted); NotFound if it is missing."""
 
     @abstractmethod
-    def scan(self, path):
+    def scan(self, path, pattern="*"):
         """Everything below directory ``path`` in one request: ``{relative path: Entry}``
-        (relative to ``path``, directories included); NotFound if it is missing."""
+        (relative to ``path``, directories included); NotFound if it is missing. With a
+        ``pattern`` (fnmatch, on names) only the files and directories whose names match
+        are listed, though every directory is searched."""
 
     @abstractmethod
     def is_dir(self, path): ...

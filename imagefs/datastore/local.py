@@ -5,6 +5,7 @@ file (it holds for every process of this host; a directory shared with other hos
 over a network filesystem needs that filesystem's flock), and ``scan`` walks the tree.
 """
 import fcntl
+import fnmatch
 import os
 import shutil
 from contextlib import contextmanager
@@ -80,7 +81,7 @@ class LocalDatastore(Datastore):
             raise
         os.unlink(backup)
 
-    def scan(self, path):
+    def scan(self, path, pattern="*"):
         top = self.local_path(path)
         if not os.path.isdir(top):
             raise NotFound(f"{path}: no such directory")
@@ -88,6 +89,8 @@ class LocalDatastore(Datastore):
         for dirpath, dirnames, filenames in os.walk(top):
             rel = os.path.relpath(dirpath, top)
             for name in dirnames + filenames:
+                if pattern != "*" and not fnmatch.fnmatchcase(name, pattern):
+                    continue
                 try:
                     st = os.lstat(os.path.join(dirpath, name))
                 except FileNotFoundError:

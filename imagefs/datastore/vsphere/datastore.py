@@ -37,6 +37,11 @@ class CachedReadHandle(ReadHandle):
 
 
 class VSphereDatastore(Datastore):
+    # Layers ESXi can use in a VM's disk chain: SEsparse deltas (VMFS-6 has no other
+    # delta format; VMFS-5 and NFS read it too). Read by the image store once it can
+    # write that format (the VMDK formats work); until then layers are monolithicSparse.
+    default_disk_format = "seSparse"
+
     def __init__(self, session, location, cache_dir, cache_size):
         self.session = session
         self.location = location
@@ -108,10 +113,10 @@ class VSphereDatastore(Datastore):
         # MakeDirectory without parents is not safe to repeat blindly: a retry after a lost
         # answer would report Exists for our own directory. It is the lock, so it fails instead.
 
-    def scan(self, path):
+    def scan(self, path, pattern="*"):
         base = self._rel(path)
         out = {}
-        for result in self._search(path, "*", recursive=True):
+        for result in self._search(path, pattern, recursive=True):
             folder = self._folder_rel(result.folderPath)
             if base and folder != base and not folder.startswith(base + "/"):
                 continue
