@@ -12,7 +12,7 @@ A layer is sealed before any child is made of it and never opened writable again
 """
 import logging
 import posixpath
-import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -35,6 +35,22 @@ class Image:
     parent: str | None          # None for scratch
     disk: str                   # datastore-relative path of the layer's VMDK
     metadata_keys: tuple = field(default=())
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """A store's sealed images with their parents, children and layer sizes, built from one
+    walk of the store's images directory (plus each disk's descriptor, read once)."""
+    images: dict            # id -> Image
+    usage: dict             # id -> bytes of the layer's VMDK files
+    children: dict          # id -> [child ids], sorted
+
+    def ancestors(self, image_id):
+        out, img = [], self.images[image_id]
+        while img.parent is not None and img.parent in self.images:
+            out.append(img.parent)
+            img = self.images[img.parent]
+        return out
 
 
 @dataclass(frozen=True)
@@ -68,13 +84,17 @@ def _container_disk(container_id):
 class ImageStore:
     """All image stores of one datastore."""
 
-    def __init__(self, datastore, *, writer_method=None, workdir=None):
+    def __init__(self, datastore, *, writer_method=None, workdir=None, catalogue_ttl=0.0):
+        """``catalogue_ttl``: how long a store's catalogue may be reused (seconds); changes
+        made through this object are seen at once, others' after at most that long."""
         self.ds = datastore
         self.writer_method = writer_method
         self.workdir = workdir
+        self.catalogue_ttl = catalogue_ttl
         self._cleaned = set()
-        self._trees = {}
-        self._lock = threading.Lock()
+        self._catalogues = {}         # store -> (monotonic time built, Catalogue)
+        self._containers = None       # (monotonic time listed, [Container])
+        self._parents = {}            # (disk, size, mtime) -> parent disk path or None
         self.ds.mkdir(ROOT_DIR, parents=True)
 
     # --- image stores -------------------------------------------------------------------
@@ -97,9 +117,7 @@ class ImageStore:
         return name
 
     def list_stores(self):
-        entries = self.ds.scan(ROOT_DIR)
-        return sorted(n for n, e in entries.items() if "/" not in n and e.is_dir
-                      and getattr(entries.get(f"{n}/images"), "is_dir", False))
+        return [n for n in self.ds.listdir(ROOT_DIR) if self.ds.is_dir(_images_dir(n))]
 
     def get_store(self, name):
         """Check that store ``name`` exists; the first time, remove half-made images (no manifest)."""
@@ -123,9 +141,9 @@ class ImageStore:
         with self.ds.lock(f"{_store_dir(name)}/.lock", exclusive=True, blocking=False) as got:
             if not got:
                 raise InUse(f"image store {name} has a layer write in progress")
-            self._forget_trees(name)
             self.ds.rmtree(_store_dir(name))
         self._cleaned.discard(name)
+        self._changed(name)
         log.info("deleted image store %s", name)
 
     def _cleanup(self, store):
@@ -133,10 +151,9 @@ class ImageStore:
         with self.ds.lock(f"{_store_dir(store)}/.lock", exclusive=True, blocking=False) as got:
             if not got:
                 return  # a write is in progress; its half-made dir is not garbage yet
-            listing = self._listing(store)
-            for image_id, files in listing.items():
+            for image_id, held in self._walk_images(store).items():
                 d = _image_dir(store, image_id)
-                if "manifest" in files and f"{image_id}{DISK_SUFFIX}" in files:
+                if "manifest" in held and f"{image_id}{DISK_SUFFIX}" in held:
                     continue
                 if image_id == SCRATCH:
                     log.warning("store %s: scratch is incomplete; the store is probably unusable", store)
@@ -145,19 +162,18 @@ class ImageStore:
                 self.ds.rmtree(d)
 
     # --- images -------------------------------------------------------------------------------
-    def _listing(self, store):
-        """``{image id: {relative path: Entry}}`` of a store's images dir, from one scan."""
-        out = {}
-        for rel, entry in self.ds.scan(_images_dir(store)).items():
-            image_id, _, inner = rel.partition("/")
-            files = out.setdefault(image_id, {})
-            if inner:
-                files[inner] = entry
-        return out
+    def _image_ids(self, store):
+        return sorted(i for i, held in self._walk_images(store).items() if "manifest" in held)
 
-    def _image_ids(self, store, listing=None):
-        listing = self._listing(store) if listing is None else listing
-        return sorted(i for i, files in listing.items() if "manifest" in files)
+    def _walk_images(self, store):
+        """``{image id: {path inside its directory: FileInfo}}`` from one walk."""
+        names = {}
+        for path, info in self.ds.walk(_images_dir(store)).items():
+            image_id, _, rest = path.partition("/")
+            held = names.setdefault(image_id, {})
+            if rest:
+                held[rest] = info
+        return names
 
     def _read_extent(self, disk, known=None):
         handle = self.ds.open_read(disk, known=known)
@@ -174,46 +190,87 @@ class ImageStore:
         parent_disk = posixpath.normpath(posixpath.join(posixpath.dirname(disk), extent.parent_hint))
         return posixpath.basename(parent_disk)[: -len(".vmdk")], parent_disk
 
+    def catalogue(self, store):
+        """The store's Catalogue: one walk of its images directory, descriptors read once per disk."""
+        self.get_store(store)
+        cached = self._catalogues.get(store)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < self.catalogue_ttl:
+            return cached[1]
+        names = self._walk_images(store)
+        images, usage, children = {}, {}, {}
+        for image_id, held in sorted(names.items()):
+            disk_info = held.get(f"{image_id}.vmdk")
+            if "manifest" not in held or disk_info is None:
+                continue        # being written, or a crash's leftover (see _cleanup)
+            disk = _disk_path(store, image_id)
+            parent = None
+            if image_id != SCRATCH:
+                parent_disk = self._parent_disk(disk, disk_info)
+                parent = None if parent_disk is None else posixpath.basename(parent_disk)[: -len(".vmdk")]
+            keys = tuple(sorted(k.partition("/")[2] for k, info in held.items()
+                                if k.startswith("imageMetadata/") and not info.is_dir))
+            images[image_id] = Image(image_id, store, parent, disk, keys)
+            usage[image_id] = _disk_bytes(held)
+        for img in images.values():
+            if img.parent is not None:
+                children.setdefault(img.parent, []).append(img.id)
+        catalogue = Catalogue(images, usage, children)
+        self._catalogues[store] = (now, catalogue)
+        return catalogue
+
+    def _parent_disk(self, disk, info):
+        """The parent disk's path from a disk's descriptor, read once per (disk, size, mtime)."""
+        key = (disk, info.size, info.mtime_ns)
+        if key not in self._parents or info.mtime_ns is None:
+            self._parents[key] = self._parent_of_disk(disk, info)[1]
+        return self._parents[key]
+
+    def _changed(self, store=None):
+        """This object changed a store (or containers): its next catalogue is built anew."""
+        if store is None:
+            self._containers = None
+        else:
+            self._catalogues.pop(store, None)
+
     def get_image(self, store, image_id):
+        if self.catalogue_ttl:          # a mount: answered from the catalogue while it is fresh
+            img = self.catalogue(store).images.get(image_id)
+            if img is not None:
+                return img
         self.get_store(store)
         check_id(image_id)
         try:
-            files = self.ds.scan(_image_dir(store, image_id))
+            held = self.ds.walk(_image_dir(store, image_id))       # one request, remote or not
         except NotFound:
-            files = {}
-        return self._image(store, image_id, files)
-
-    def _image(self, store, image_id, files):
-        """The Image from the files of its directory (one scan's worth)."""
-        if "manifest" not in files:
+            held = {}
+        if "manifest" not in held:
             raise NotFound(f"image {image_id} not found in store {store}")
         disk = _disk_path(store, image_id)
-        if f"{image_id}{DISK_SUFFIX}" not in files:
+        if f"{image_id}{DISK_SUFFIX}" not in held:
             raise NotFound(f"image {image_id} in store {store} has no disk")
-        known = files[f"{image_id}{DISK_SUFFIX}"]
-        parent = None if image_id == SCRATCH else self._parent_of_disk(disk, known)[0]
-        keys = tuple(sorted(k.split("/", 1)[1] for k, e in files.items()
-                            if k.startswith("imageMetadata/") and not e.is_dir))
+        parent = None if image_id == SCRATCH else self._parent_of_disk(disk, held[f"{image_id}{DISK_SUFFIX}"])[0]
+        keys = tuple(sorted(k.partition("/")[2] for k, info in held.items()
+                            if k.startswith("imageMetadata/") and not info.is_dir))
         return Image(image_id, store, parent, disk, keys)
 
     def list_images(self, store, include_scratch=True):
-        """Every image of a store: one datastore scan, plus each disk's descriptor
-        (read once: sealed descriptors never change, and remote backends cache them)."""
-        self.get_store(store)
-        listing = self._listing(store)
-        return [self._image(store, i, listing[i]) for i in self._image_ids(store, listing)
-                if include_scratch or i != SCRATCH]
+        return [img for img in self.catalogue(store).images.values() if include_scratch or img.id != SCRATCH]
+
+    def _catalogued(self, store, image_id):
+        catalogue = self.catalogue(store)
+        if image_id not in catalogue.images:
+            self.get_image(store, image_id)       # NotFound, with the reason
+            self._changed(store)                  # made since the catalogue was built
+            catalogue = self.catalogue(store)
+        return catalogue
 
     def children(self, store, image_id):
-        return [img.id for img in self.list_images(store, include_scratch=False) if img.parent == image_id]
+        return list(self._catalogued(store, image_id).children.get(image_id, ()))
 
     def ancestors(self, store, image_id):
         """The image's parents from the nearest up to scratch."""
-        out, img = [], self.get_image(store, image_id)
-        while img.parent is not None:
-            out.append(img.parent)
-            img = self.get_image(store, img.parent)
-        return out
+        return self._catalogued(store, image_id).ancestors(image_id)
 
     def metadata(self, store, image_id):
         img = self.get_image(store, image_id)
@@ -256,6 +313,7 @@ class ImageStore:
             except BaseException:
                 self.ds.rmtree(d)
                 raise
+        self._changed(store)
         log.info("wrote image %s/%s (parent %s, %s, %d bytes)", store, image_id, parent_id,
                  result.digest, result.size)
         return self.get_image(store, image_id), result
@@ -272,10 +330,10 @@ class ImageStore:
         if owners:
             raise InUse(f"image {image_id} is in use by containers: {', '.join(owners)}")
         d = _image_dir(store, image_id)
-        self._forget_trees(store, image_id)
         self.ds.remove(f"{d}/manifest")      # first: from here on the image does not exist
         self.ds.remove(img.disk)
         self.ds.rmtree(d)
+        self._changed(store)
         log.info("deleted image %s/%s", store, image_id)
 
     def delete_branch(self, store, image_id, keep=()):
@@ -315,63 +373,38 @@ class ImageStore:
             layers = [layer.path for layer in chain.layers]
         finally:
             chain.close()
-        files, scans = [], {}
+        files, walks = [], {}
         for layer in layers:
             d, name = posixpath.split(layer)
             parent = posixpath.dirname(d)
-            # one scan of a store's images dir serves every layer in it
+            # one walk of a store's images dir serves every layer in it
             where = parent if parent.endswith("/images") else d
-            if where not in scans:
-                scans[where] = self.ds.scan(where)
+            if where not in walks:
+                walks[where] = self.ds.walk(where, pattern=f"*{DISK_SUFFIX}")
             sub = d[len(where):].strip("/")
             files.append(layer)
-            files += [f"{d}/{n.rpartition('/')[2]}" for n, e in scans[where].items()
-                      if not e.is_dir and n.endswith(DISK_SUFFIX) and n.rpartition("/")[0] == sub
-                      and n.rpartition("/")[2] != name]
+            files += [f"{d}/{n.rpartition('/')[2]}" for n, info in walks[where].items()
+                      if not info.is_dir and n.rpartition("/")[0] == sub and n.rpartition("/")[2] != name]
         with self.ds.host_files(files) as hosts:
             yield hosts[0]
 
-    def tree(self, store, image_id):
-        """The (cached) read API of a sealed image.
-
-        A cached tree is reused only while the image's disk still has the CID it was
-        opened with: another process may have deleted the image and written a new one
-        under the same ID (a new disk gets a new random CID).
-        """
-        key = (store, image_id)
-        tree = self._trees.get(key)
-        if tree is not None:
-            try:
-                current = self._read_extent(_disk_path(store, image_id)).cid
-            except ImageFSError:
-                current = None
-            if current == tree.chain.layers[0].cid and self.ds.exists(f"{_image_dir(store, image_id)}/manifest"):
-                return tree
-            self._forget_trees(store, image_id)
+    def tree(self, store, image_id, cache=None):
+        """The read API of a sealed image, opened anew (a mount keeps its own, see fuse/namespace.py);
+        ``cache`` is where it keeps what it reads (imagefs/cache.py; one of its own by default)."""
         img = self.get_image(store, image_id)
-        tree = ImageTree(self.open_chain(img.disk), name=f"{store}/{image_id}")
-        with self._lock:
-            tree = self._trees.setdefault(key, tree)
-        return tree
-
-    def _forget_trees(self, store, image_id=None):
-        """Drop cached trees; their files close when the last user lets go (a mount may
-        still be reading an old incarnation)."""
-        with self._lock:
-            for key in [k for k in self._trees if k[0] == store and image_id in (None, k[1])]:
-                del self._trees[key]
+        return ImageTree(self.open_chain(img.disk), name=f"{store}/{image_id}", cache=cache)
 
     # --- usage, URLs ----------------------------------------------------------------------------
     def layer_usage(self, store, image_id):
-        """Bytes of the VMDK files of one layer, as the datastore reports them."""
+        """Bytes of the VMDK files of one layer."""
+        if self.catalogue_ttl:
+            return self._catalogued(store, image_id).usage[image_id]
         self.get_image(store, image_id)
-        return _disk_bytes(self.ds.scan(_image_dir(store, image_id)))
+        return _disk_bytes(self.ds.walk(_image_dir(store, image_id)))
 
     def usage(self, store):
-        """Bytes of all layer VMDKs of a store, scratch excluded (as VIC counts): one scan."""
-        self.get_store(store)
-        listing = self._listing(store)
-        return sum(_disk_bytes(listing[i]) for i in self._image_ids(store, listing) if not i.startswith(SCRATCH))
+        """Bytes of all layer VMDKs of a store, scratch excluded (as VIC counts)."""
+        return sum(n for i, n in self.catalogue(store).usage.items() if not i.startswith(SCRATCH))
 
     def datastore_path(self, store, image_id):
         img = self.get_image(store, image_id)
@@ -406,18 +439,28 @@ class ImageStore:
         except BaseException:
             self.ds.rmtree(container_id)
             raise
+        self._changed()
         return Container(container_id, store, image_id, _container_disk(container_id))
 
     def list_containers(self):
-        """Containers from their disks, ``<id>/<id>.vmdk`` at the datastore's top (one scan)."""
+        cached = self._containers
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < self.catalogue_ttl:
+            return list(cached[1])
+        out = self._list_containers()
+        self._containers = (now, out)
+        return list(out)
+
+    def _list_containers(self):
+        """Containers from their disks, ``<id>/<id>.vmdk`` at the datastore's top (one walk)."""
         out = []
-        for rel, entry in sorted(self.ds.scan("", pattern=f"*{DISK_SUFFIX}").items()):
+        for rel, info in sorted(self.ds.walk("", pattern=f"*{DISK_SUFFIX}").items()):
             name, _, file = rel.partition("/")
-            if name == ROOT_DIR or file != f"{name}{DISK_SUFFIX}" or entry.is_dir or entry.size == 0:
+            if name == ROOT_DIR or file != f"{name}{DISK_SUFFIX}" or info.is_dir or info.size == 0:
                 continue            # (a VM's disk in the simulator is an empty placeholder)
             disk = _container_disk(name)
             try:
-                parent_id, parent_disk = self._parent_of_disk(disk, entry)
+                parent_id, parent_disk = self._parent_of_disk(disk, info)
             except ImageFSError as e:
                 log.warning("container %s: unreadable disk: %s", name, e)
                 continue
@@ -444,6 +487,7 @@ class ImageStore:
     def remove_container(self, container_id):
         c = self.get_container(container_id)
         self.ds.rmtree(container_id)
+        self._changed()
         return c
 
     def detach(self, container_id, vm, destroy=False):
@@ -451,6 +495,7 @@ class ImageStore:
         from .datastore.vsphere.join import detach_vm
         check_id(container_id, "container ID")
         detach_vm(self, container_id, vm, destroy)
+        self._changed()
 
     @contextmanager
     def container_root(self, container_id, method=None):
@@ -501,4 +546,4 @@ class ImageStore:
 
 def _disk_bytes(files):
     """Bytes of the disk files among one image directory's entries."""
-    return sum(e.size for n, e in files.items() if "/" not in n and n.endswith(DISK_SUFFIX) and not e.is_dir)
+    return sum(info.size for n, info in files.items() if "/" not in n and n.endswith(DISK_SUFFIX) and not info.is_dir)

@@ -4,7 +4,7 @@ Backends register a URL scheme here: plain paths (and file://) are local directo
 vsphere://USER@HOST[:PORT]/DATACENTER/DATASTORE[/PATH] is a vSphere datastore (its
 modules load only when such a URL is opened).
 """
-from .base import Datastore, Entry, ReadHandle, open_datastore, register  # noqa: F401
+from .base import Datastore, FileInfo, ReadHandle, open_datastore, register  # noqa: F401
 from .local import LocalDatastore
 
 

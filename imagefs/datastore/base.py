@@ -10,7 +10,7 @@ Rules every backend keeps:
 - ``mkdir(path)`` without parents is atomic across processes and hosts: exactly one
   caller creates a name, every other gets Exists. Image IDs are claimed this way.
 - ``lock()`` is a real lock for every process that shares the datastore, local or not.
-- ``scan()`` lists a whole subtree with sizes in one request, so listing a store costs
+- ``walk()`` lists a whole subtree with sizes in one request, so listing a store costs
   a bounded number of round trips whatever the number of images.
 - Tools that need a host file (qemu-img, qemu-storage-daemon, mke2fs) get one through
   ``host_file()`` (read a sealed file) and ``new_host_file()`` (write a new one). Both
@@ -19,7 +19,7 @@ Rules every backend keeps:
 """
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class ReadHandle(ABC):
@@ -32,12 +32,11 @@ class ReadHandle(ABC):
     def close(self): ...
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One file or directory found by ``scan``."""
+class FileInfo(NamedTuple):
+    """One file or directory found by ``walk``."""
     size: int                   # bytes as the datastore reports them (0 for directories)
-    is_dir: bool
-    mtime: float | None = None  # seconds since the epoch, where the backend knows it
+    mtime_ns: int | None        # None where the backend cannot tell
+    is_dir: bool = False
 
 
 class Datastore(ABC):
@@ -65,11 +64,12 @@ class Datastore(ABC):
         """Names in a directory (sorted); NotFound if it is missing."""
 
     @abstractmethod
-    def scan(self, path, pattern="*"):
-        """Everything below directory ``path`` in one request: ``{relative path: Entry}``
+    def walk(self, path, pattern="*"):
+        """Everything below directory ``path`` in one request: ``{relative path: FileInfo}``
         (relative to ``path``, directories included); NotFound if it is missing. With a
         ``pattern`` (fnmatch, on names) only the files and directories whose names match
-        are listed, though every directory is searched."""
+        are listed, though every directory is searched. The image store builds its
+        catalogue of a store's images from one walk."""
 
     @abstractmethod
     def is_dir(self, path): ...
@@ -104,7 +104,7 @@ class Datastore(ABC):
 
     @abstractmethod
     def open_read(self, path, known=None) -> ReadHandle:
-        """Positional reads of a file. ``known`` is the file's Entry from a recent scan,
+        """Positional reads of a file. ``known`` is the file's FileInfo from a recent walk,
         which spares a remote backend a look-up of its own."""
 
     @abstractmethod

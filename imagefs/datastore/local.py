@@ -11,7 +11,7 @@ import shutil
 from contextlib import contextmanager
 
 from ..errors import Exists, ImageFSError, NotFound
-from .base import Datastore, Entry, ReadHandle
+from .base import Datastore, FileInfo, ReadHandle
 
 
 class LocalReadHandle(ReadHandle):
@@ -81,23 +81,29 @@ class LocalDatastore(Datastore):
             raise
         os.unlink(backup)
 
-    def scan(self, path, pattern="*"):
+    def walk(self, path, pattern="*"):
         top = self.local_path(path)
         if not os.path.isdir(top):
             raise NotFound(f"{path}: no such directory")
-        out = {}
-        for dirpath, dirnames, filenames in os.walk(top):
-            rel = os.path.relpath(dirpath, top)
-            for name in dirnames + filenames:
-                if pattern != "*" and not fnmatch.fnmatchcase(name, pattern):
-                    continue
+        out, todo = {}, [""]
+        while todo:
+            rel = todo.pop()
+            try:
+                entries = list(os.scandir(os.path.join(top, rel)))
+            except FileNotFoundError:
+                continue        # removed while walked
+            for e in entries:
+                name = os.path.join(rel, e.name) if rel else e.name
                 try:
-                    st = os.lstat(os.path.join(dirpath, name))
+                    is_dir = e.is_dir(follow_symlinks=False)
+                    if is_dir:
+                        todo.append(name)
+                    if pattern != "*" and not fnmatch.fnmatchcase(e.name, pattern):
+                        continue
+                    st = e.stat(follow_symlinks=False)
                 except FileNotFoundError:
-                    continue        # removed while we walked
-                is_dir = name in dirnames
-                key = name if rel == "." else f"{rel}/{name}"
-                out[key] = Entry(0 if is_dir else st.st_size, is_dir, st.st_mtime)
+                    continue
+                out[name] = FileInfo(0 if is_dir else st.st_size, st.st_mtime_ns, is_dir)
         return out
 
     def mkdir(self, path, parents=False):

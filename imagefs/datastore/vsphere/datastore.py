@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pyVmomi import vim
 
 from ...errors import ImageFSError, NotFound
-from ..base import Datastore, Entry, ReadHandle
+from ..base import Datastore, FileInfo, ReadHandle
 from .cache import BlockCache
 from .lock import LockSpace
 from .transfer import Transfer
@@ -113,7 +113,7 @@ class VSphereDatastore(Datastore):
         # MakeDirectory without parents is not safe to repeat blindly: a retry after a lost
         # answer would report Exists for our own directory. It is the lock, so it fails instead.
 
-    def scan(self, path, pattern="*"):
+    def walk(self, path, pattern="*"):
         base = self._rel(path)
         out = {}
         for result in self._search(path, pattern, recursive=True):
@@ -135,7 +135,7 @@ class VSphereDatastore(Datastore):
     def stat(self, path):
         parent, name = posixpath.split(path.strip("/"))
         if not name:
-            return Entry(0, True)
+            return FileInfo(0, None, True)
         for result in self._search(parent, name, recursive=False):
             for f in result.file or ():
                 if f.path == name:
@@ -260,7 +260,7 @@ class VSphereDatastore(Datastore):
     def _adopt(self, directory, names):
         """Files just uploaded from the cache's host copies: cached whole, keyed by what
         the datastore now says of them."""
-        found = {n: e for n, e in self.scan(directory).items() if "/" not in n} if names else {}
+        found = {n: e for n, e in self.walk(directory).items() if "/" not in n} if names else {}
         for name in names:
             if name in found:
                 self.cache.adopt(self._rel(f"{directory}/{name}"), _stamp(found[name]))
@@ -277,12 +277,13 @@ class VSphereDatastore(Datastore):
 
 def _entry(info):
     is_dir = isinstance(info, _BROWSER.FolderInfo)
-    mtime = info.modification.timestamp() if info.modification is not None else None
-    return Entry(0 if is_dir else (info.fileSize or 0), is_dir, mtime)
+    mtime = info.modification
+    mtime_ns = None if mtime is None else int(mtime.timestamp()) * 10**9 + mtime.microsecond * 1000
+    return FileInfo(0 if is_dir else (info.fileSize or 0), mtime_ns, is_dir)
 
 
 def _stamp(entry):
-    return f"{entry.size} {entry.mtime!r}"
+    return f"{entry.size} {entry.mtime_ns}"
 
 
 def _aliases(ds):

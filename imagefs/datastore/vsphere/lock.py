@@ -78,9 +78,9 @@ class LockSpace:
         return True
 
     def _newest(self, entries, prefix=""):
-        times = [e.mtime for name, e in entries.items()
-                 if (not prefix or name == prefix or name.startswith(prefix + "/")) and e.mtime is not None]
-        return max(times) if times else None
+        times = [e.mtime_ns for name, e in entries.items()
+                 if (not prefix or name == prefix or name.startswith(prefix + "/")) and e.mtime_ns is not None]
+        return max(times) / 1e9 if times else None
 
     def _stale(self, newest):
         return newest is not None and self.ds.server_time() - newest > LEASE
@@ -88,7 +88,7 @@ class LockSpace:
     def _live_holders(self, shared_dir):
         """Shared holders that are alive; stale ones are removed on the way (one scan)."""
         try:
-            entries = self.ds.scan(shared_dir)
+            entries = self.ds.walk(shared_dir)
         except NotFound:
             return []
         live = []
@@ -103,8 +103,8 @@ class LockSpace:
     def _is_live(self, holder):
         """Whether ``holder`` exists and beats; a stale one is removed."""
         try:
-            entries = self.ds.scan(holder)
-            newest = self._newest(entries) or self.ds.stat(holder).mtime
+            entries = self.ds.walk(holder)
+            newest = self._newest(entries) or _seconds(self.ds.stat(holder).mtime_ns)
         except NotFound:
             return False
         if self._stale(newest):
@@ -136,3 +136,7 @@ class _Heartbeat:
     def stop(self):
         self._stop.set()
         self._thread.join()
+
+
+def _seconds(ns):
+    return None if ns is None else ns / 1e9
