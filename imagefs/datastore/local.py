@@ -2,7 +2,7 @@
 
 Host files are the datastore's own files (no staging), the lock is flock(2) on a lock
 file (it holds for every process of this host; a directory shared with other hosts
-over a network filesystem needs that filesystem's flock), and ``scan`` walks the tree.
+over a network filesystem needs that filesystem's flock), and ``walk`` is one scandir pass.
 """
 import fcntl
 import fnmatch

@@ -86,7 +86,7 @@ class LockSpace:
         return newest is not None and self.ds.server_time() - newest > LEASE
 
     def _live_holders(self, shared_dir):
-        """Shared holders that are alive; stale ones are removed on the way (one scan)."""
+        """Shared holders that are alive; stale ones are removed on the way (one walk)."""
         try:
             entries = self.ds.walk(shared_dir)
         except NotFound:
