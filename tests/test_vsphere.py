@@ -299,7 +299,29 @@ def test_vsphere_retry_after_an_injected_503(vsphere_env, folder):
         st.write_image("s", "scratch", "l1", io.BytesIO(make_tar([("x", "file", {"data": b"x"})])))
         assert proxy.injected[("PUT", "/folder/")] == 1
         assert [i.id for i in st.list_images("s")] == ["l1", "scratch"]
+        # claiming a name is not repeated blindly (a lost answer would make our own
+        # directory look taken): one clear error instead, and nothing half made
+        proxy.fail_next("POST", "/sdk", 503)
+        with pytest.raises(Unavailable, match="not safe to repeat"):
+            ds.mkdir("VIC/s/claimed")
+        assert not ds.exists("VIC/s/claimed")
         ds.close()
+
+
+def test_vsphere_faults_map_to_the_local_backends_errors():
+    from pyVmomi import vmodl
+    from imagefs.datastore.vsphere.session import map_fault
+    from imagefs.errors import NoSpace, NotFound
+    cases = [(vim.fault.FileNotFound(file="x"), NotFound), (vim.fault.FileAlreadyExists(file="x"), Exists),
+             (vim.fault.FileLocked(file="x"), InUse), (vim.fault.ResourceInUse(), InUse),
+             (vim.fault.NoPermission(privilegeId="Datastore.FileManagement"), PermissionDenied),
+             (vim.fault.NoDiskSpace(), NoSpace)]
+    for fault, error in cases:
+        mapped = map_fault(fault, "VIC/s/x")
+        assert type(mapped) is error and mapped.errno == error.errno and "VIC/s/x" in str(mapped)
+    assert "Datastore.FileManagement" in str(map_fault(cases[4][0], "p"))
+    other = map_fault(vmodl.fault.InvalidArgument(msg="odd"), "p")
+    assert str(other) == "p: vSphere: odd"
 
 
 def test_vsphere_expired_session_logs_in_again(st):
