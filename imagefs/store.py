@@ -101,7 +101,10 @@ class ImageStore:
     def create_store(self, name, capacity=scratch_disk.DEFAULT_CAPACITY):
         """Create store ``name`` with its scratch image; Exists if it is there already."""
         check_id(name, "store name")
-        self.ds.mkdir(_store_dir(name))  # atomic: raises Exists for a taken name
+        try:
+            self.ds.mkdir(_store_dir(name))  # atomic: raises Exists for a taken name
+        except Exists:
+            raise Exists(f"image store {name} already exists") from None
         try:
             self.ds.mkdir(_images_dir(name))
             self.ds.mkdir(_image_dir(name, SCRATCH))
@@ -329,6 +332,10 @@ class ImageStore:
         owners = self.owners(store, image_id)
         if owners:
             raise InUse(f"image {image_id} is in use by containers: {', '.join(owners)}")
+        from .oci.refs import RefStore
+        refs = RefStore(self, store).refs_of(image_id)
+        if refs:
+            raise InUse(f"image {image_id} is tagged {', '.join(refs)}; untag it first")
         d = _image_dir(store, image_id)
         self.ds.remove(f"{d}/manifest")      # first: from here on the image does not exist
         self.ds.remove(img.disk)
@@ -523,7 +530,7 @@ class ImageStore:
                       if self.ds.exists(f"{_image_dir(s, target)}/manifest")]
             if sealed:
                 raise ReadOnly(f"image {target} in store {sealed[0]} is sealed and cannot change; "
-                               "import into a container joined to it instead") from None
+                               "copy into a container joined to it instead") from None
             raise
         with self.container_root(c.id) as mounted:     # stored only if all of it went in
             return apply_layer(mounted.root, stream, path_filter=spec.to_path_filter() if spec else None,
