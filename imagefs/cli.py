@@ -70,7 +70,8 @@ def _datastore_spec(args, create=False):
 def _open_store(args, create=False):
     from .datastore import open_datastore
     from .store import ImageStore
-    return ImageStore(open_datastore(_datastore_spec(args, create), datastore_options(args)),
+    options = dict(datastore_options(args), create=create)   # a remote folder too is made by store create only
+    return ImageStore(open_datastore(_datastore_spec(args, create), options),
                       writer_method=getattr(args, "writer", None))
 
 

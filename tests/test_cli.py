@@ -78,9 +78,9 @@ def test_write_errors_are_one_line(cli, tmp_path):
     assert one_line_error(cli("store", "create", "s", ok=False)) == "imagefs: image store s already exists"
 
 
-def test_exit_codes_json_version_and_status(cli, tmp_path):
+def test_exit_codes_json_version_and_status(cli, backend):
     assert cli("store", "ls", ok=False).returncode == 3                      # no datastore yet: not created
-    assert not os.path.exists(tmp_path / "ds")
+    assert not os.path.exists(backend.root)
     cli("store", "create", "s", "--capacity", "256MiB")
     assert cli("image", "info", "s", "nope", ok=False).returncode == 3      # not found
     assert cli("image", "rm", "s", "scratch", ok=False).returncode == 4     # in use
@@ -116,12 +116,12 @@ def test_export_whole_image_and_diff(cli, tmp_path):
     assert not os.path.exists(str(out) + ".part")
 
 
-def test_progress_on_a_terminal_and_no_tar_to_a_terminal(cli, tmp_path):
+def test_progress_on_a_terminal_and_no_tar_to_a_terminal(cli, tmp_path, backend):
     import pty
     cli("store", "create", "s", "--capacity", "256MiB")
     tar = tmp_path / "big.tar"
     tar.write_bytes(make_tar([("big", "file", {"data": os.urandom(64 << 20)})]))
-    ds = str(tmp_path / "ds")
+    ds = backend.spec
 
     def on_tty(*args, stdout_tty=False):
         master, slave = pty.openpty()

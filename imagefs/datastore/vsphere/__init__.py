@@ -24,7 +24,8 @@ def default_cache_dir():
 
 def open_vsphere(spec, options):
     """A VSphereDatastore for ``spec``; options: password_file, ca_file, insecure,
-    cache_size (bytes or "4GiB"), cache_dir."""
+    cache_size (bytes or "4GiB"), cache_dir, create (make the URL's folder when missing;
+    the default, as a local datastore directory is made)."""
     from ...scratch import parse_size
     from .cache import DEFAULT_LIMIT
     from .datastore import VSphereDatastore
@@ -41,7 +42,8 @@ def open_vsphere(spec, options):
     key = hashlib.sha1(location.url.encode()).hexdigest()[:16]
     cache_dir = os.path.join(options.get("cache_dir") or default_cache_dir(), "vsphere", key)
     try:
-        return VSphereDatastore(session, location, cache_dir, parse_size(size))
+        return VSphereDatastore(session, location, cache_dir, parse_size(size),
+                                create=options.get("create", True))
     except BaseException:
         session.close()
         raise

@@ -42,7 +42,7 @@ class VSphereDatastore(Datastore):
     # write that format (the VMDK formats work); until then layers are monolithicSparse.
     default_disk_format = "seSparse"
 
-    def __init__(self, session, location, cache_dir, cache_size):
+    def __init__(self, session, location, cache_dir, cache_size, create=True):
         self.session = session
         self.location = location
         self.url = location.url
@@ -67,7 +67,9 @@ class VSphereDatastore(Datastore):
         self._locks = LockSpace(self)
         from .inventory import Inventory
         self.vms = Inventory(self)
-        if self._prefix:
+        if self._prefix and not self.is_dir(""):
+            if not create:
+                raise NotFound(f"datastore {self.url} does not exist (imagefs store create makes it)")
             self.mkdir("", parents=True)
 
     # --- names --------------------------------------------------------------------------------
@@ -135,6 +137,8 @@ class VSphereDatastore(Datastore):
     def stat(self, path):
         parent, name = posixpath.split(path.strip("/"))
         if not name:
+            if self._prefix:
+                self._search("", "*", recursive=False)      # NotFound if the URL's folder is missing
             return FileInfo(0, None, True)
         for result in self._search(parent, name, recursive=False):
             for f in result.file or ():
