@@ -156,6 +156,12 @@ def test_vsphere_join_and_detach(st, api, vsphere_env, folder):
     assert joined_record(st, "c1", "DC0_H0_VM1") == {"layer_id": "img", "image_id": "img",
                                                      "repo_name": "library/busybox", "store": "s"}
     assert st.owners("s", "img") == ["DC0_H0_VM1"]
+    import imagefs
+    lib = imagefs.ImageStore(vsphere_env.url(folder))                # the library API, by URL
+    assert [o.name for o in lib.owners(st.url("s", "img"))] == ["DC0_H0_VM1"]
+    assert lib.owners(st.url("s", "img"), filter=lambda o: False) == []
+    assert st.ds.relative_path(st.datastore_path("s", "img")) == "VIC/s/images/img/img.vmdk"
+    assert st.ds.relative_path("[otherds] VIC/s/images/img/img.vmdk") is None
     with pytest.raises(Exists):
         st.join("s", "img", "c1", vm="DC0_H0_VM0")
     # detach, keeping the disk

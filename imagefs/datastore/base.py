@@ -54,6 +54,17 @@ class Datastore(ABC):
         """The "[name] path" form of a datastore-relative path."""
         return f"[{self.name}] {path}"
 
+    def relative_path(self, ds_path):
+        """The datastore-relative path of a "[name] path" on this datastore, else None."""
+        name, sep, rest = ds_path.strip().removeprefix("[").partition("]")
+        if not sep or name not in self.names:
+            return None
+        top = self.datastore_path("").partition("]")[2].strip().strip("/")
+        rest = rest.strip().strip("/")
+        if not top:
+            return rest
+        return rest[len(top) + 1:] if rest.startswith(top + "/") else None
+
     # --- directories and files --------------------------------------------------------------
     @abstractmethod
     def mkdir(self, path, parents=False):
