@@ -514,6 +514,20 @@ def test_vsphere_mount_browse_import_export(vsphere_env, folder, tmp_path):
             time.sleep(0.2)
         assert "l2" in os.listdir(f"{mnt}/s/images")
         os.rmdir(f"{mnt}/s/images/l2")
+        # a VM using l1 (joined by another process) is an owner: in info.json, and rmdir is EBUSY
+        out = cli(spec, "container", "join", "s", "l1", "cm", "--vm", "DC0_H0_VM0")
+        assert out.returncode == 0, out.stderr
+        try:
+            import errno
+            import json
+            with open(f"{mnt}/s/images/l1/info.json") as f:
+                assert json.load(f)["owners"] == ["DC0_H0_VM0"]
+            assert os.getxattr(f"{mnt}/s/images/l1", "user.imagefs.owners") == b"DC0_H0_VM0"
+            with pytest.raises(OSError) as err:
+                os.rmdir(f"{mnt}/s/images/l1")
+            assert err.value.errno == errno.EBUSY
+        finally:
+            assert cli(spec, "container", "detach", "cm", "--vm", "DC0_H0_VM0", "--destroy").returncode == 0
     assert [i.id for i in ImageStore(open_datastore(spec)).list_images("s")] == ["l1", "scratch"]
 
 
