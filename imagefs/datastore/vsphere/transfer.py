@@ -118,6 +118,7 @@ class Transfer:
         self._request("PUT", path, path, headers={"Content-Length": str(size),
                                                   "Content-Type": "application/octet-stream"},
                       body_factory=lambda: open(host_path, "rb"))
+        log.info("uploaded %s (%d bytes)", path, size)
 
     def put_bytes(self, path, data):
         self._request("PUT", path, path, headers={"Content-Length": str(len(data)),
