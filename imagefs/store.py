@@ -21,13 +21,14 @@ from . import scratch as scratch_disk
 from .errors import Exists, ImageFSError, InUse, InvalidInput, NotFound, ReadOnly
 from .ids import SCRATCH, check_id
 from .tree import ImageTree
+from .datastore.local import LocalDatastore
 from .vmdk import DiskChain, open_disk
-from .vmdk.layer_format import BASE_FORMAT, DEFAULT_FORMAT, check_disk_format
+from .vmdk.layer_format import DEFAULT_FORMAT, check_disk_format
 
 log = logging.getLogger("imagefs.store")
 
 ROOT_DIR = "VIC"
-DATASTORE_NAME = "local"
+DISK_SUFFIX = ".vmdk"
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,10 @@ class ImageStore:
             self.ds.mkdir(_images_dir(name))
             self.ds.mkdir(_image_dir(name, SCRATCH))
             self.ds.mkdir(f"{_image_dir(name, SCRATCH)}/imageMetadata")
-            scratch_disk.make_scratch_disk(self.ds.local_path(_disk_path(name, SCRATCH)), capacity,
-                                           workdir=self.workdir, base_format=BASE_FORMAT[disk_format])
+            base = self._scratch_base(name, capacity, disk_format)
+            with self.ds.new_host_dir(_image_dir(name, SCRATCH)) as host:
+                scratch_disk.make_scratch_disk(f"{host}/{SCRATCH}{DISK_SUFFIX}", capacity, workdir=self.workdir,
+                                               disk_format=disk_format, base=base)
             self.ds.write_file(f"{_image_dir(name, SCRATCH)}/manifest", b"")
         except BaseException:
             self.ds.rmtree(_store_dir(name))
@@ -129,6 +132,20 @@ class ImageStore:
         self._cleaned.add(name)
         log.info("created image store %s", name)
         return name
+
+    def _scratch_base(self, store, capacity, disk_format):
+        """What the scratch delta of an ESXi-format store stands on (scratch.make_scratch_disk):
+        a thin base the datastore makes itself where it can (``create_thin_disk``, e.g. a
+        host's CreateVirtualDisk), a sparse flat file on a local directory, else an empty
+        flat file (a sparse one would be uploaded whole)."""
+        create = getattr(self.ds, "create_thin_disk", None)
+        if disk_format == DEFAULT_FORMAT:
+            return None
+        if create is not None:
+            path = f"{_image_dir(store, SCRATCH)}/{scratch_disk.BASE_NAME}"
+            create(path, scratch_disk.parse_size(capacity) - scratch_disk.parse_size(capacity) % (1 << 20))
+            return self.disk_info(path).cid
+        return "flat" if isinstance(self.ds, LocalDatastore) else "empty"
 
     @property
     def default_disk_format(self):
@@ -179,9 +196,9 @@ class ImageStore:
         with self.ds.lock(f"{_store_dir(store)}/.lock", exclusive=True, blocking=False) as got:
             if not got:
                 return  # a write is in progress; its half-made dir is not garbage yet
-            for image_id in self.ds.listdir(_images_dir(store)):
+            for image_id, held in self._walk_images(store).items():
                 d = _image_dir(store, image_id)
-                if self.ds.exists(f"{d}/manifest") and self.ds.exists(_disk_path(store, image_id)):
+                if "manifest" in held and f"{image_id}{DISK_SUFFIX}" in held:
                     continue
                 if image_id == SCRATCH:
                     log.warning("store %s: scratch is incomplete; the store is probably unusable", store)
@@ -191,25 +208,32 @@ class ImageStore:
 
     # --- images -------------------------------------------------------------------------------
     def _image_ids(self, store):
-        return [i for i in self.ds.listdir(_images_dir(store))
-                if self.ds.exists(f"{_image_dir(store, i)}/manifest")]
+        return sorted(i for i, held in self._walk_images(store).items() if "manifest" in held)
 
-    @property
-    def _hint_names(self):
-        """The names parent hints may give this datastore (None: any, for a local copy)."""
-        return getattr(self.ds, "names", None)
+    def _walk_images(self, store):
+        """``{image id: {path inside its directory: FileInfo}}`` from one walk."""
+        names = {}
+        for path, info in self.ds.walk(_images_dir(store)).items():
+            image_id, _, rest = path.partition("/")
+            held = names.setdefault(image_id, {})
+            if rest:
+                held[rest] = info
+        return names
 
-    def disk_info(self, disk):
-        """A disk's descriptor facts (format, CIDs, parent, extent files); no grain tables read."""
-        return open_disk(disk, self.ds.open_read, self._hint_names)
+    def disk_info(self, disk, known=None):
+        """A disk's descriptor facts (format, CIDs, parent, extent files); no grain tables
+        read. ``known``: the disk's FileInfo, where the caller has it (saves a stat)."""
+        def opener(path):
+            return self.ds.open_read(path, known=known) if path == disk else self.ds.open_read(path)
+        return open_disk(disk, opener, self.ds.hint_names)
 
     def layer_disk(self, store, image_id):
         """An image's own disk facts: createType, extent files, CIDs (a vmdk.DiskInfo)."""
         return self.disk_info(self.get_image(store, image_id).disk)
 
-    def _parent_of_disk(self, disk):
+    def _parent_of_disk(self, disk, known=None):
         """(parent image id or None, parent disk path) from a disk's descriptor."""
-        parent_disk = self.disk_info(disk).parent_path(self._hint_names)
+        parent_disk = self.disk_info(disk, known).parent_path(self.ds.hint_names)
         if parent_disk is None:
             return None, None
         return posixpath.basename(parent_disk).removesuffix(".vmdk"), parent_disk
@@ -221,11 +245,7 @@ class ImageStore:
         now = time.monotonic()
         if cached is not None and now - cached[0] < self.catalogue_ttl:
             return cached[1]
-        files = self.ds.walk(_images_dir(store))
-        names = {}
-        for path, info in files.items():
-            image_id, _, rest = path.partition("/")
-            names.setdefault(image_id, {})[rest] = info
+        names = self._walk_images(store)
         images, usage, children = {}, {}, {}
         for image_id, held in sorted(names.items()):
             disk_info = held.get(f"{image_id}.vmdk")
@@ -236,9 +256,10 @@ class ImageStore:
             if image_id != SCRATCH:
                 parent_disk = self._parent_disk(disk, disk_info)
                 parent = None if parent_disk is None else posixpath.basename(parent_disk)[: -len(".vmdk")]
-            keys = tuple(sorted(k.partition("/")[2] for k in held if k.startswith("imageMetadata/")))
+            keys = tuple(sorted(k.partition("/")[2] for k, info in held.items()
+                                if k.startswith("imageMetadata/") and not info.is_dir))
             images[image_id] = Image(image_id, store, parent, disk, keys)
-            usage[image_id] = sum(info.size for name, info in held.items() if "/" not in name and name.endswith(".vmdk"))
+            usage[image_id] = _disk_bytes(held)
         for img in images.values():
             if img.parent is not None:
                 children.setdefault(img.parent, []).append(img.id)
@@ -250,7 +271,7 @@ class ImageStore:
         """The parent disk's path from a disk's descriptor, read once per (disk, size, mtime)."""
         key = (disk, info.size, info.mtime_ns)
         if key not in self._parents or info.mtime_ns is None:
-            self._parents[key] = self._parent_of_disk(disk)[1]
+            self._parents[key] = self._parent_of_disk(disk, info)[1]
         return self._parents[key]
 
     def _changed(self, store=None):
@@ -267,17 +288,18 @@ class ImageStore:
                 return img
         self.get_store(store)
         check_id(image_id)
-        d = _image_dir(store, image_id)
-        if not self.ds.exists(f"{d}/manifest"):
+        try:
+            held = self.ds.walk(_image_dir(store, image_id))       # one request, remote or not
+        except NotFound:
+            held = {}
+        if "manifest" not in held:
             raise NotFound(f"image {image_id} not found in store {store}")
         disk = _disk_path(store, image_id)
-        if not self.ds.exists(disk):
+        if f"{image_id}{DISK_SUFFIX}" not in held:
             raise NotFound(f"image {image_id} in store {store} has no disk")
-        parent = None if image_id == SCRATCH else self._parent_of_disk(disk)[0]
-        try:
-            keys = tuple(self.ds.listdir(f"{d}/imageMetadata"))
-        except NotFound:
-            keys = ()
+        parent = None if image_id == SCRATCH else self._parent_of_disk(disk, held[f"{image_id}{DISK_SUFFIX}"])[0]
+        keys = tuple(sorted(k.partition("/")[2] for k, info in held.items()
+                            if k.startswith("imageMetadata/") and not info.is_dir))
         return Image(image_id, store, parent, disk, keys)
 
     def list_images(self, store, include_scratch=True):
@@ -312,7 +334,6 @@ class ImageStore:
         from .layer.writer import write_layer  # heavy imports only when writing
         from .vmdk.hints import relative_hint
         from .vmdk.layer_format import seal_as
-        from .vmdk.qemu_view import qemu_parent
 
         check_id(image_id)
         if image_id == SCRATCH:
@@ -332,14 +353,12 @@ class ImageStore:
                 raise Exists(f"image {image_id} already exists in store {store}") from None
             try:
                 self.ds.mkdir(f"{d}/imageMetadata")
-                child = _disk_path(store, image_id)
-                with self.open_chain(parent.disk) as chain, \
-                        qemu_parent(chain, self.ds.local_path, self.workdir) as qemu_parent_disk:
-                    result = write_layer(qemu_parent_disk, self.ds.local_path(child), stream,
-                                         expected_sum=expected_sum, method=self.writer_method,
-                                         workdir=self.workdir, progress=progress)
-                # post-seal: the store's disk format and the parent hint the layer keeps
-                seal_as(self.ds.local_path(child), self.disk_format(store), relative_hint(child, parent.disk))
+                with self.host_chain(parent.disk) as parent_host, self.ds.new_host_dir(d) as host:
+                    child = f"{host}/{image_id}{DISK_SUFFIX}"
+                    result = write_layer(parent_host, child, stream, expected_sum=expected_sum,
+                                         method=self.writer_method, workdir=self.workdir, progress=progress)
+                    # post-seal: the store's disk format and the parent hint the layer keeps
+                    seal_as(child, self.disk_format(store), relative_hint(_disk_path(store, image_id), parent.disk))
                 for key, value in metadata.items():
                     self.ds.write_file(f"{d}/imageMetadata/{key}", bytes(value))
                 self.ds.write_file(f"{d}/manifest", b"")
@@ -399,7 +418,21 @@ class ImageStore:
 
     # --- reading --------------------------------------------------------------------------------
     def open_chain(self, disk):
-        return DiskChain(disk, self.ds.open_read, self._hint_names)
+        return DiskChain(disk, self.ds.open_read, self.ds.hint_names)
+
+    @contextmanager
+    def host_chain(self, disk):
+        """``with st.host_chain(disk) as host:`` the host path of a disk that qemu tools
+        open as ``disk`` with its whole chain: the disk itself, every file of its chain
+        staged beside it, or a stand-in chain over those files where qemu cannot follow
+        the real one (vmdk/qemu_view.py)."""
+        from .vmdk.qemu_view import qemu_parent
+
+        with self.open_chain(disk) as chain:
+            files = list(dict.fromkeys(f for layer in chain.layers for f in (layer.path, *layer.info.extent_files)))
+            with self.ds.host_files(files) as hosts, \
+                    qemu_parent(chain, dict(zip(files, hosts)).__getitem__, self.workdir) as host:
+                yield host
 
     def tree(self, store, image_id, cache=None):
         """The read API of a sealed image, opened anew (a mount keeps its own, see fuse/namespace.py);
@@ -413,8 +446,7 @@ class ImageStore:
         if self.catalogue_ttl:
             return self._catalogued(store, image_id).usage[image_id]
         self.get_image(store, image_id)
-        d = _image_dir(store, image_id)
-        return sum(self.ds.size(f"{d}/{n}") for n in self.ds.listdir(d) if n.endswith(".vmdk"))
+        return _disk_bytes(self.ds.walk(_image_dir(store, image_id)))
 
     def usage(self, store):
         """Bytes of all layer VMDKs of a store, scratch excluded (as VIC counts)."""
@@ -422,7 +454,7 @@ class ImageStore:
 
     def datastore_path(self, store, image_id):
         img = self.get_image(store, image_id)
-        return f"[{DATASTORE_NAME}] {img.disk}"
+        return self.ds.datastore_path(img.disk)
 
     def url(self, store, image_id):
         """The ``ds://`` URL of a layer's disk, escaped as VIC's url.URL.String() does."""
@@ -430,18 +462,26 @@ class ImageStore:
         return "ds://" + quote(self.datastore_path(store, image_id), safe="/")
 
     # --- containers -----------------------------------------------------------------------------
-    def join(self, store, image_id, container_id):
-        """Create a container's read-write disk as a child of an image; the image is then in use."""
+    def join(self, store, image_id, container_id, vm=None, repo=None):
+        """Create a container's read-write disk as a child of an image; the image is then in use.
+
+        With ``vm`` (vSphere) the disk is created by the host and added to that VM
+        (datastore/vsphere/join.py); without, it is made here and stored as a file.
+        """
         from .layer.writer import create_child_disk
 
         check_id(container_id, "container ID")
         img = self.get_image(store, image_id)
+        if vm is not None:
+            from .datastore.vsphere.join import join_vm
+            return join_vm(self, img, container_id, vm, repo)
         try:
             self.ds.mkdir(container_id)
         except Exists:
             raise Exists(f"container {container_id} already exists") from None
         try:
-            create_child_disk(self.ds.local_path(img.disk), self.ds.local_path(_container_disk(container_id)))
+            with self.host_chain(img.disk) as parent_host, self.ds.new_host_dir(container_id) as host:
+                create_child_disk(parent_host, f"{host}/{container_id}{DISK_SUFFIX}")
         except BaseException:
             self.ds.rmtree(container_id)
             raise
@@ -458,13 +498,15 @@ class ImageStore:
         return list(out)
 
     def _list_containers(self):
+        """Containers from their disks, ``<id>/<id>.vmdk`` at the datastore's top (one walk)."""
         out = []
-        for name in self.ds.listdir(""):
+        for rel, info in sorted(self.ds.walk("", pattern=f"*{DISK_SUFFIX}").items()):
+            name, _, file = rel.partition("/")
+            if name == ROOT_DIR or file != f"{name}{DISK_SUFFIX}" or info.is_dir or info.size == 0:
+                continue            # (a VM's disk in the simulator is an empty placeholder)
             disk = _container_disk(name)
-            if name == ROOT_DIR or not self.ds.exists(disk):
-                continue
             try:
-                parent_id, parent_disk = self._parent_of_disk(disk)
+                parent_id, parent_disk = self._parent_of_disk(disk, info)
             except ImageFSError as e:
                 log.warning("container %s: unreadable disk: %s", name, e)
                 continue
@@ -479,9 +521,14 @@ class ImageStore:
                 return c
         raise NotFound(f"container {container_id} not found")
 
-    def owners(self, store, image_id):
-        """IDs of the containers whose read-write disk is a child of this image's disk."""
-        return sorted(c.id for c in self.list_containers() if c.store == store and c.image == image_id)
+    def owners(self, store, image_id, vm_filter=None):
+        """What uses this image: IDs of the containers whose read-write disk is a child of
+        its disk, and, on a datastore with VMs, the names of the VMs whose disks use its
+        disk directly or through a parent (read live; ``vm_filter(VMOwner)`` keeps some)."""
+        out = {c.id for c in self.list_containers() if c.store == store and c.image == image_id}
+        if self.ds.vms is not None:
+            out |= {o.name for o in self.ds.vms.owners(_disk_path(store, image_id), vm_filter)}
+        return sorted(out)
 
     def remove_container(self, container_id):
         c = self.get_container(container_id)
@@ -489,14 +536,21 @@ class ImageStore:
         self._changed()
         return c
 
+    def detach(self, container_id, vm, destroy=False):
+        """Take a joined container's disk off VM ``vm``: kept, or with ``destroy`` deleted."""
+        from .datastore.vsphere.join import detach_vm
+        check_id(container_id, "container ID")
+        detach_vm(self, container_id, vm, destroy)
+        self._changed()
+
     @contextmanager
     def container_root(self, container_id, method=None):
         """Mount a container's read-write disk; sealed images never come here."""
         from .layer.writer import writable_mount
 
         c = self.get_container(container_id)
-        with writable_mount(self.ds.local_path(c.disk), method=method or self.writer_method,
-                            workdir=self.workdir) as mounted:
+        with self.host_chain(_disk_path(c.store, c.image)), self.ds.edit_host_file(c.disk) as host, \
+                writable_mount(host, method=method or self.writer_method, workdir=self.workdir) as mounted:
             yield mounted
 
     def container_import(self, target, stream, *, spec=None, store=None):
@@ -517,17 +571,9 @@ class ImageStore:
                 raise ReadOnly(f"image {target} in store {sealed[0]} is sealed and cannot change; "
                                "copy into a container joined to it instead") from None
             raise
-        backup = f"{c.disk}.import-backup"
-        self.ds.copy_file(c.disk, backup)
-        try:
-            with self.container_root(target) as mounted:
-                stats = apply_layer(mounted.root, stream, path_filter=spec.to_path_filter() if spec else None,
-                                    whiteouts=False, deferred=mounted.deferred)
-        except BaseException:
-            self.ds.replace(backup, c.disk)
-            raise
-        self.ds.remove(backup)
-        return stats
+        with self.container_root(c.id) as mounted:     # stored only if all of it went in
+            return apply_layer(mounted.root, stream, path_filter=spec.to_path_filter() if spec else None,
+                               whiteouts=False, deferred=mounted.deferred)
 
     def container_export(self, container_id, *, changes=False, spec=None, data=True):
         """A tar stream of a container's tree (VIC's data source), or with ``changes`` only
@@ -542,3 +588,8 @@ class ImageStore:
         """A fresh read API of a container's disk (not cached: the disk can change)."""
         c = self.get_container(container_id)
         return ImageTree(self.open_chain(c.disk), name=f"container {container_id}")
+
+
+def _disk_bytes(files):
+    """Bytes of the disk files among one image directory's entries."""
+    return sum(info.size for n, info in files.items() if "/" not in n and n.endswith(DISK_SUFFIX) and not info.is_dir)

@@ -77,7 +77,8 @@ def test_store_in_esxi_format_reads_as_monolithic_sparse(tmp_path, mono, fmt):
     root = str(tmp_path / "ds")
     st = make_store(root, fmt)
     assert st.disk_format("s") == fmt
-    assert st.disk_info(st.get_image("s", "scratch").disk).create_type == "vmfs"
+    scratch = st.open_chain(st.get_image("s", "scratch").disk)
+    assert [d.create_type for d in scratch.layers] == [fmt, "vmfs"]     # a delta of a thin base
     for image in ("l1", "l2"):
         info = st.disk_info(st.get_image("s", image).disk)
         assert info.create_type == fmt and info.parent_path() == f"VIC/s/images/{'scratch' if image == 'l1' else 'l1'}/" \
@@ -166,7 +167,7 @@ def test_store_copied_off_vmfs_mounts_unchanged(tmp_path, mono):
         assert _mount_dump(mnt) == _mount_dump_of(mono.ds.root, tmp_path / "mnt-mono")
         info = json.load(open(os.path.join(mnt, "s", "images", "l2", "info.json")))
         assert info["disk-format"] == "vmfsSparse" and info["extents"] == ["VIC/s/images/l2/l2-delta.vmdk"]
-        assert os.getxattr(os.path.join(mnt, "s", "images", "scratch"), "user.imagefs.disk-format") == b"vmfs"
+        assert os.getxattr(os.path.join(mnt, "s", "images", "scratch"), "user.imagefs.disk-format") == b"vmfsSparse"
 
 
 def _mount_dump_of(root, mnt):
@@ -187,9 +188,9 @@ def test_datastore_names_limit_absolute_hints(tmp_path):
     make_store(root, "seSparse")
     _vmfs_hints(root)
     ds = open_datastore(root)
-    ds.names = ("datastore1", "5f3c1a2b-0e0d4c6a-8f1e-000c29aabbcc")
+    ds.hint_names = ("datastore1", "5f3c1a2b-0e0d4c6a-8f1e-000c29aabbcc")
     assert ImageStore(ds).get_image("s", "l2").parent == "l1"
-    ds.names = ("datastore2",)
+    ds.hint_names = ("datastore2",)
     with pytest.raises(CorruptDisk, match=r"points to datastore '5f3c1a2b-.*', not to this one \(datastore2\); refused"):
         ImageStore(ds).tree("s", "l2")
 
@@ -253,6 +254,23 @@ def test_cli_store_format_and_image_info(tmp_path):
     facts = json.loads(cli("image", "info", "s", "l1", "--json").stdout)
     assert facts["format"] == "seSparse" and facts["extents"] == ["VIC/s/images/l1/l1-sesparse.vmdk"]
     info = cli("image", "info", "s", "scratch").stdout
-    assert "format:     vmfs\n" in info and "extents:    VIC/s/images/scratch/scratch-flat.vmdk\n" in info
+    assert "format:     seSparse\n" in info and "extents:    VIC/s/images/scratch/scratch-sesparse.vmdk\n" in info
     bad = cli("store", "create", "t", "--disk-format", "vmfsThin", ok=False)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_scratch_on_a_zero_extent_base(tmp_path, mono):
+    """The base a remote datastore gets without a thin-disk call: one ZERO extent, no
+    file. Reads as the flat base does, and takes layers (qemu through a stand-in)."""
+    root = str(tmp_path / "ds")
+    make_store(root, "vmfsSparse", layers=("l1",))
+    d = os.path.join(root, "VIC", "s", "images", "scratch")
+    base = os.path.join(d, "scratch-base.vmdk")
+    text = open(base).read()
+    sectors = re.search(r'RW (\d+) VMFS "scratch-base-flat.vmdk"', text).group(1)
+    open(base, "w").write(text.replace(f'RW {sectors} VMFS "scratch-base-flat.vmdk"', f"RW {sectors} ZERO"))
+    os.unlink(os.path.join(d, "scratch-base-flat.vmdk"))
+    st = ImageStore(open_datastore(root))
+    assert tree_of(st, "l1") == tree_of(mono, "l1")
+    st.write_image("s", "l1", "l2", io.BytesIO(TARS["l2"]))
+    assert tree_of(st, "l2") == tree_of(mono, "l2")

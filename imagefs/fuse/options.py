@@ -18,6 +18,8 @@ _SAFETY = {"suid": ("nosuid", False), "nosuid": ("nosuid", True), "dev": ("nodev
 # Meaningful to mount(8) and fstab only.
 _IGNORED = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group", "_netdev", "nofail"}
 _IGNORED_PREFIXES = ("x-", "comment=")
+# Settings of a vsphere:// datastore (docs/vsphere.md); a password is never an option.
+_DATASTORE_KEYS = {"password_file", "ca_file", "cache_size", "cache_dir"}
 
 
 WRITERS = ("kernel", "fuse2fs")
@@ -41,6 +43,7 @@ class MountOptions:
     workdir: str | None = None               # layer writer's work files (never inside the mount)
     writer: str | None = None                # layer writer method: kernel or fuse2fs
     scratch_capacity: int = DEFAULT_CAPACITY  # size of scratch for stores made with mkdir
+    datastore: dict = field(default_factory=dict)  # remote backend settings (password_file, ca_file, ...)
 
     @property
     def read_only(self):
@@ -75,6 +78,10 @@ def parse_options(options):
             out.writer = value
         elif eq and key == "scratch_size":
             out.scratch_capacity = parse_size(value)
+        elif eq and key in _DATASTORE_KEYS:
+            out.datastore[key] = parse_size(value) if key == "cache_size" else value
+        elif item == "insecure":
+            out.datastore["insecure"] = True
         else:
             raise InvalidInput(f"unknown mount option {item!r}")
     out.fuse |= {"fsname=imagefs", "subtype=imagefs", "default_permissions"}

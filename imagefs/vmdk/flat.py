@@ -61,12 +61,14 @@ class _ZeroPadded:
 
 
 def write_vmfs_descriptor(path, flat_path, capacity):
-    """Write at ``path`` the descriptor of a thin ``vmfs`` disk whose extent is
-    ``flat_path`` (same directory) of ``capacity`` bytes."""
+    """Write at ``path`` the descriptor of a thin ``vmfs`` disk of ``capacity`` bytes
+    whose extent is ``flat_path`` (same directory), or one ZERO extent when it is None.
+    Returns the new disk's CID."""
     desc = Descriptor()
     desc.values = {"CID": secrets.token_hex(4), "parentCID": "ffffffff", "isNativeSnapshot": "no",
                    "createType": "vmfs"}
-    desc.extents = [ExtentLine("RW", capacity // SECTOR, "VMFS", os.path.basename(flat_path))]
+    desc.extents = [ExtentLine("RW", capacity // SECTOR, "VMFS", os.path.basename(flat_path)) if flat_path
+                    else ExtentLine("RW", capacity // SECTOR, "ZERO")]
     cylinders = min(65535, capacity // (255 * 63 * SECTOR))
     desc.ddb = {"ddb.adapterType": "lsilogic", "ddb.geometry.cylinders": str(cylinders),
                 "ddb.geometry.heads": "255", "ddb.geometry.sectors": "63",
@@ -76,3 +78,4 @@ def write_vmfs_descriptor(path, flat_path, capacity):
         f.write(desc.render())
         f.flush()
         os.fsync(f.fileno())
+    return desc.values["CID"]

@@ -23,8 +23,6 @@ from .write_sesparse import write_sesparse
 
 DELTA_FORMATS = ("monolithicSparse", "vmfsSparse", "seSparse")
 DEFAULT_FORMAT = "monolithicSparse"
-# the base (scratch) disk of a store whose layers are in a format
-BASE_FORMAT = {"monolithicSparse": "monolithicSparse", "vmfsSparse": "vmfs", "seSparse": "vmfs"}
 _EXTENT = {"vmfsSparse": ("VMFSSPARSE", "-delta.vmdk"), "seSparse": ("SESPARSE", "-sesparse.vmdk")}
 VERIFY_PIECE = 4 << 20
 
@@ -43,36 +41,48 @@ def seal_as(child, disk_format, parent_hint):
     if disk_format == "monolithicSparse":
         _set_embedded_hint(child, parent_hint)
         return [child]
-    etype, suffix = _EXTENT[disk_format]
-    extent = child.removesuffix(".vmdk") + suffix
     old = Disk(child, host_opener)
     try:
         info = old.info
         data, zeros = _written(old)
-        tmp = f"{extent}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as out:
-            if disk_format == "vmfsSparse":
-                write_cowd(out, old.size, _merge(data + zeros), _TopReader(old))
-            else:
-                write_sesparse(out, old.size, data, _TopReader(old), zeros)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, extent)
-        desc = Descriptor()
-        desc.values = {"CID": info.cid, "parentCID": info.parent_cid, "isNativeSnapshot": "no",
-                       "createType": disk_format, "parentFileNameHint": parent_hint}
-        desc.extents = [ExtentLine("RW", old.size // SECTOR, etype, os.path.basename(extent))]
-        # as ESXi writes a delta's: the disk's geometry and adapter live in its base
-        desc.ddb = {"ddb.longContentID": secrets.token_hex(16)}
-        if disk_format == "seSparse":
-            desc.ddb["ddb.grain"] = "8"
-        _write_atomic(child + ".descriptor", desc.render().encode())
+        files = write_delta(child + ".descriptor", disk_format, old.size, data, zeros, _TopReader(old),
+                            cid=info.cid, parent_cid=info.parent_cid, parent_hint=parent_hint,
+                            extent_name=os.path.basename(child).removesuffix(".vmdk"))
         _verify(old, child + ".descriptor", data, zeros)
     finally:
         old.close()
     os.replace(child + ".descriptor", child)
     _fsync_dir(child)
-    return [child, extent]
+    return [child, files[1]]
+
+
+def write_delta(path, disk_format, capacity, data, zeros, source, *, cid, parent_cid, parent_hint,
+                extent_name=None):
+    """Write a ``disk_format`` delta (vmfsSparse or seSparse): its extent beside ``path``,
+    named after ``extent_name`` (default: path's name), then the descriptor at ``path``.
+    ``data`` and ``zeros`` are sorted byte ranges; ``source.pread`` reads the data."""
+    etype, suffix = _EXTENT[disk_format]
+    stem = extent_name or os.path.basename(path).removesuffix(".vmdk")
+    extent = os.path.join(os.path.dirname(path), stem + suffix)
+    tmp = f"{extent}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as out:
+        if disk_format == "vmfsSparse":
+            write_cowd(out, capacity, _merge(data + zeros), source)
+        else:
+            write_sesparse(out, capacity, data, source, zeros)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, extent)
+    desc = Descriptor()
+    desc.values = {"CID": cid, "parentCID": parent_cid, "isNativeSnapshot": "no",
+                   "createType": disk_format, "parentFileNameHint": parent_hint}
+    desc.extents = [ExtentLine("RW", capacity // SECTOR, etype, os.path.basename(extent))]
+    # as ESXi writes a delta's: the disk's geometry and adapter live in its base
+    desc.ddb = {"ddb.longContentID": secrets.token_hex(16)}
+    if disk_format == "seSparse":
+        desc.ddb["ddb.grain"] = "8"
+    _write_atomic(path, desc.render().encode())
+    return [path, extent]
 
 
 def host_opener(path):
