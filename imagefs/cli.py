@@ -205,7 +205,8 @@ def cmd_image_rm(args):
 def cmd_image_load(args):
     from .oci.load import load
     st = _open_store(args)
-    loaded = load(st, args.store, args.src, tags=args.tag or (), name=args.name, progress=_progress(args))
+    loaded = load(st, args.store, args.src, tags=args.tag or (), name=args.name, platform=args.platform,
+                  progress=_progress(args))
     rows = [{"image": x.image, "refs": x.names, "layers": x.layers, "written": x.written} for x in loaded]
     _emit(args, rows, [f"{x.image} {' '.join(x.names) or '-'} ({x.written} of {len(x.layers)} layers written)"
                        for x in loaded])
@@ -463,6 +464,8 @@ def build_parser():
     c.add_argument("src", help="docker save archive, OCI layout directory or OCI archive")
     c.add_argument("--tag", action="append", metavar="NAME:TAG", help="also name the image so (repeatable)")
     c.add_argument("--name", help="NAME for references the source gives as a bare tag (default: SRC's name)")
+    c.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                   help="the platform to take from a multi-platform image (default: this host's)")
     _json_flag(c)
     c.set_defaults(func=cmd_image_load)
     c = image.add_parser("save", help="save an image as an OCI layout/archive or a docker archive")
