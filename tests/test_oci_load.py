@@ -48,8 +48,8 @@ def platform_image(root, plat):
     layer = put_blob(root, gzip.compress(tar, mtime=0))
     config = {"os": os_name, "architecture": arch, "rootfs": {"type": "layers", "diff_ids": [sha(tar)]}}
     platform = {"os": os_name, "architecture": arch}
-    if variant:
-        config["variant"] = platform["variant"] = variant[0]
+    if variant:                 # in the index only: configs often leave it out, the index's counts
+        platform["variant"] = variant[0]
     manifest = {"schemaVersion": 2, "mediaType": MT_MANIFEST,
                 "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
                            **put_blob(root, json.dumps(config).encode())},
@@ -116,7 +116,7 @@ def test_platform_of_an_archive_without_index_is_checked_against_its_config(tmp_
     ds = tmp_path / "ds"
     imagefs(ds, "store", "create", "s", "--capacity", "256MiB")
     proc = imagefs(ds, "image", "load", "s", str(archive), "--platform", "linux/amd64", ok=False)
-    assert proc.returncode == 3 and "no linux/amd64 image (it has linux/arm/v7)" in proc.stderr, proc.stderr
+    assert proc.returncode == 3 and "no linux/amd64 image (it has linux/arm)" in proc.stderr, proc.stderr
     (out,) = json.loads(imagefs(ds, "image", "load", "s", str(archive), "--platform", "linux/arm",
                                 "--json").stdout)
     assert out["image"] == ids["linux/arm/v7"] and out["refs"] == ["docker.io/example/arm:1"]

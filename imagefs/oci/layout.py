@@ -79,7 +79,9 @@ class OCILayoutSource:
                 raise InvalidInput("image indexes nested too deeply")
             chosen = _pick_platform(_manifests_of(doc, f"index {desc['digest']}"), platform, self.files.path)
             return [img for d in chosen for img in self._images_of(d, platform, depth + 1, names)]
-        return [self._image(doc, data, names)]
+        image = self._image(doc, data, names)
+        image.platform = desc.get("platform") if isinstance(desc.get("platform"), dict) else None
+        return [image]
 
     def _image(self, manifest, manifest_bytes, names):
         config = self._blob(manifest.get("config"), "config")

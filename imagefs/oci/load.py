@@ -90,12 +90,13 @@ def _load_image(images, refs, store, img, names, progress):
 
 
 def _of_platform(found, wanted, src):
-    """The images whose config says they are for ``wanted`` (an explicit ``--platform``)."""
+    """The images that are for ``wanted`` (an explicit ``--platform``): picked by it from an
+    index, or (sources without one) saying so in their config."""
     def config_platform(img):
         config = parse_json(img.config, "config")
         return {k: config.get(k) for k in ("os", "architecture", "variant")} if isinstance(config, dict) else {}
 
-    kept = [img for img in found if wanted.matches(config_platform(img))]
+    kept = [img for img in found if img.platform is not None or wanted.matches(config_platform(img))]
     if not kept:
         have = ", ".join(dict.fromkeys("/".join(v for v in config_platform(img).values() if isinstance(v, str))
                                        or "(no platform)" for img in found))
