@@ -52,6 +52,15 @@ def _emit(args, obj, text_lines):
             print(line)
 
 
+def _table(header, rows, right=()):
+    """Text lines of a table whose columns are as wide as their widest cell (IDs of loaded
+    images are 64 characters); columns numbered in ``right`` are right-aligned."""
+    cells = [list(header)] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+            for row in cells]
+
+
 def _datastore_spec(args, create=False):
     from .datastore.base import default_datastore_path
     spec = args.datastore or default_datastore_path()
@@ -149,9 +158,9 @@ def cmd_image_ls(args):
     if args.quiet_ids:
         _emit(args, [r["id"] for r in rows], [r["id"] for r in rows])
         return
-    lines = [f"{'ID':<40} {'PARENT':<40} {'SIZE':>10}  REFS"]
-    lines += [f"{r['id']:<40} {r['parent'] or '-':<40} {human(r['size']):>10}  {','.join(r['refs']) or '-'}"
-              for r in rows]
+    lines = _table(("ID", "PARENT", "SIZE", "REFS"),
+                   [(r["id"], r["parent"] or "-", human(r["size"]), ",".join(r["refs"]) or "-") for r in rows],
+                   right={2})
     _emit(args, rows, lines)
 
 
@@ -340,8 +349,8 @@ def cmd_umount(args):
 def cmd_status(args):
     from .fuse.mount import active_mounts
     rows = active_mounts()
-    lines = [f"{'MOUNTPOINT':<32} {'DATASTORE':<32} {'PID':>7}  STATE"]
-    lines += [f"{m['mountpoint']:<32} {m['datastore']:<32} {m['pid'] or '-':>7}  {m['state']}" for m in rows]
+    lines = _table(("MOUNTPOINT", "DATASTORE", "PID", "STATE"),
+                   [(m["mountpoint"], m["datastore"], m["pid"] or "-", m["state"]) for m in rows], right={2})
     _emit(args, rows, lines)
 
 
