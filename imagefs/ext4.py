@@ -235,6 +235,7 @@ def read_dir(geo, rec, runs):
         data = geo.chain.pread(pblk * bs, count * bs)
         for start in range(0, len(data), bs):
             _parse_dir_block(data, start, start + bs, entries)
+    _check_unique(entries)
     return entries
 
 
@@ -242,6 +243,14 @@ def parse_dir_data(data, block_size, entries):
     """Append the entries of a whole directory's data (any number of blocks) to ``entries``."""
     for start in range(0, len(data) - len(data) % block_size, block_size):
         _parse_dir_block(data, start, start + block_size, entries)
+    _check_unique(entries)
+
+
+def _check_unique(entries):
+    """A name twice in one directory (only a corrupt one has it) would let an export write
+    a symlink and then a directory of the same name that extraction follows."""
+    if len({name for name, _ in entries}) != len(entries):
+        raise CorruptDisk("a name appears twice in one directory")
 
 
 def _parse_dir_block(data, pos, end, entries):
@@ -255,6 +264,8 @@ def _parse_dir_block(data, pos, end, entries):
         if ino:
             name = data[pos + 8:pos + 8 + name_len]
             if name not in (b".", b".."):
+                if not name or b"/" in name or b"\0" in name:
+                    raise CorruptDisk(f"bad directory entry name {name!r}")
                 entries.append((name, ino))
         pos += rec_len
 

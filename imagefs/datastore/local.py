@@ -1,8 +1,15 @@
-"""The embedded default backend: a directory on this host."""
+"""The embedded default backend: a directory on this host.
+
+Everything that changes the datastore (make, write, replace, remove, lock) refuses
+a path with a symbolic link anywhere below the root: a datastore where someone
+replaced ``images/<id>`` or ``.lock`` by a link must not make imagefs delete or
+create files elsewhere. Paths never leave the root ('..' cannot climb out).
+"""
 import errno
 import fcntl
 import os
 import shutil
+import stat
 from contextlib import contextmanager
 
 from ..errors import Exists, ImageFSError, NotFound
@@ -36,10 +43,29 @@ class LocalDatastore(Datastore):
             raise ImageFSError(f"{self.root}: cannot use as a datastore: {e.strerror}") from None
 
     def local_path(self, path):
-        return os.path.join(self.root, path.lstrip("/"))
+        rel = os.path.normpath(path.lstrip("/"))
+        if rel == ".." or rel.startswith("../"):
+            raise ImageFSError(f"{path}: lies outside the datastore")
+        return os.path.join(self.root, rel) if rel != "." else self.root
+
+    def _unlinked_path(self, path):
+        """local_path, after checking that no component below the root is a symbolic link."""
+        p = self.local_path(path)
+        here = self.root
+        for part in os.path.relpath(p, self.root).split(os.sep):
+            if part == ".":
+                continue
+            here = os.path.join(here, part)
+            try:
+                if stat.S_ISLNK(os.lstat(here).st_mode):
+                    raise ImageFSError(f"{path}: {os.path.relpath(here, self.root)} in the datastore is a "
+                                       "symbolic link; imagefs does not follow links when changing it")
+            except FileNotFoundError:
+                break
+        return p
 
     def mkdir(self, path, parents=False):
-        p = self.local_path(path)
+        p = self._unlinked_path(path)
         try:
             if parents:
                 os.makedirs(p, exist_ok=True)
@@ -76,7 +102,7 @@ class LocalDatastore(Datastore):
             raise NotFound(f"{path}: no such file") from None
 
     def write_file(self, path, data):
-        p = self.local_path(path)
+        p = self._unlinked_path(path)
         tmp = f"{p}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -91,19 +117,19 @@ class LocalDatastore(Datastore):
 
     def remove(self, path, missing_ok=True):
         try:
-            os.unlink(self.local_path(path))
+            os.unlink(self._unlinked_path(path))
         except FileNotFoundError:
             if not missing_ok:
                 raise NotFound(f"{path}: no such file") from None
 
     def copy_file(self, src, dst):
-        shutil.copyfile(self.local_path(src), self.local_path(dst))
+        shutil.copyfile(self.local_path(src), self._unlinked_path(dst))
 
     def replace(self, src, dst):
-        os.replace(self.local_path(src), self.local_path(dst))
+        os.replace(self._unlinked_path(src), self._unlinked_path(dst))
 
     def rmtree(self, path, missing_ok=True):
-        p = self.local_path(path)
+        p = self._unlinked_path(path)
         if not os.path.lexists(p):
             if missing_ok:
                 return
@@ -123,7 +149,12 @@ class LocalDatastore(Datastore):
     @contextmanager
     def lock(self, path, exclusive=True, blocking=True):
         """flock on a lock file; yields False if non-blocking and someone else holds it."""
-        fd = os.open(self.local_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(self._unlinked_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise ImageFSError(f"{path}: is a symbolic link; imagefs does not follow links when locking") from None
         try:
             flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB)
             try:

@@ -23,6 +23,7 @@ from ..datastore import open_datastore
 from ..errors import ImageFSError, InvalidInput
 from ..store import ImageStore
 from .imports import ImportRegistry
+from .exports import ExportLimits
 from .nodes import Namespace
 from .ops import Operations
 from .options import parse_options
@@ -38,12 +39,16 @@ def mount(datastore: str, mountpoint: str, *, foreground=False, options=()) -> i
     """Mount ``datastore`` on ``mountpoint``; the exit code (0 once the mount is ready)."""
     try:
         opts = parse_options(options)
+        if "://" not in datastore:
+            datastore = os.path.abspath(datastore)     # the background daemon runs in /
         mountpoint = _check_mountpoint(mountpoint)
         if opts.workdir and _is_inside(os.path.abspath(opts.workdir), mountpoint):
             raise InvalidInput("workdir must not be inside the mountpoint")
     except ImageFSError as e:
         print(f"imagefs: {e}", file=sys.stderr)
         return 1
+    for warning in opts.warnings:
+        print(f"imagefs: warning: {warning}", file=sys.stderr)
     if foreground or opts.debug:
         return _run(datastore, mountpoint, opts, ready=None)
     return _run_in_background(datastore, mountpoint, opts)
@@ -82,8 +87,8 @@ def _run(datastore, mountpoint, opts, ready):
         store = ImageStore(open_datastore(datastore), writer_method=opts.writer, workdir=opts.workdir)
         imports = ImportRegistry(store)
         ns = Namespace(store, imports, scratch_capacity=opts.scratch_capacity, pid=os.getpid(),
-                       uid=os.getuid(), gid=os.getgid())
-        ops = Operations(ns, imports)
+                       uid=os.getuid(), gid=os.getgid(), admin_gid=opts.admin_gid)
+        ops = Operations(ns, imports, ExportLimits(opts.max_exports, opts.max_exports_per_user))
         try:
             pyfuse3.init(ops, mountpoint, opts.fuse)
         except RuntimeError as e:
@@ -92,6 +97,8 @@ def _run(datastore, mountpoint, opts, ready):
         print(f"imagefs: {e}", file=sys.stderr)
         return 1
     log.info("mounted %s on %s (%s)", datastore, mountpoint, ",".join(sorted(opts.fuse)))
+    for warning in opts.warnings:
+        log.warning("%s", warning)
     try:
         trio.run(_serve, ops, mountpoint, ready)
     finally:

@@ -19,6 +19,12 @@ index the first time the mount sees it, and an index is never reused, so numbers
 stable for the life of the mount and an image deleted and made again gets new ones
 (the kernel may still hold pages of the old one).
 
+Who may do what (docs/mount.md, "Who may read and change what"): the synthetic
+nodes belong to the mount's owner; the ones that accept changes are writable by
+the owner alone, or also by the mount's ``admin_group``. Files whose bytes bypass
+the modes inside an image (exports, meta/, info.json, .error reports) are 0440:
+owner and group only. The kernel enforces all of it (``default_permissions``).
+
 Plain synchronous code, safe to call from worker threads: the adapter (ops.py) calls
 the ``tree_*`` methods inline and everything else from a thread, because that touches
 the image store.
@@ -27,10 +33,11 @@ import json
 import stat as S
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..errors import Exists, InUse, InvalidInput, NotFound, ReadOnly
+from ..errors import Exists, ImageFSError, InUse, InvalidInput, NotFound, ReadOnly
 from ..ids import SCRATCH, check_id
 from ..tree import ROOT_INO as EXT4_ROOT_INO
 from ..tree import Stat
@@ -47,6 +54,7 @@ NONE = 0.0        # changes with every byte written or every look
 
 XATTR_PREFIX = b"user.imagefs."
 FORCE_DELETE = b"user.imagefs.force-delete"
+OPTION_EXPORTS_KEPT = 1024   # export names with options the mount remembers before asking the kernel to drop some
 
 
 def tree_ino(idx, ext4_ino):
@@ -77,6 +85,7 @@ class ImageRef:
 class Node:
     """A synthetic file or directory. Subclasses say what they hold."""
     mode = S.S_IFDIR | 0o555
+    writable = False          # changes go through it: the admin group may write it too
     attr_ttl = LONG
     names_ttl = LONG          # for directories: how long names looked up in it stay valid
 
@@ -119,8 +128,8 @@ class Node:
 
 
 class ContentFile(Node):
-    """A small read-only file whose bytes are made on open."""
-    mode = S.S_IFREG | 0o444
+    """A small read-only file whose bytes are made on open (owner and admin group only)."""
+    mode = S.S_IFREG | 0o440
 
     def content(self, ns):
         raise NotImplementedError
@@ -132,6 +141,7 @@ class ContentFile(Node):
 # --- the store level ------------------------------------------------------------------------
 class Root(Node):
     mode = S.S_IFDIR | 0o755
+    writable = True
     attr_ttl = SHORT
     names_ttl = SHORT
 
@@ -151,12 +161,13 @@ class Root(Node):
 
     def rmdir(self, ns, name):
         store = name.decode("utf-8", "surrogateescape")
-        force = store in ns.force_delete
+        force = ns.force_delete_armed(store)
         if not force and ns.store.list_images(store, include_scratch=False):
             raise NotEmpty(f"image store {store} still holds images; delete them first, or set "
                            f"{FORCE_DELETE.decode()} on it to delete them with it")
+        ns.check_store_unused(store)
         ns.store.delete_store(store, force=force)
-        ns.force_delete.discard(store)
+        ns.force_delete.pop(store, None)
         ns.forget_store(store)
 
     def xattrs(self, ns):
@@ -166,6 +177,7 @@ class Root(Node):
 
 class Store(Node):
     mode = S.S_IFDIR | 0o755
+    writable = True
     attr_ttl = SHORT
 
     def __init__(self, key):
@@ -178,7 +190,7 @@ class Store(Node):
     def xattrs(self, ns):
         out = {b"user.imagefs.usage": str(ns.store.usage(self.store)).encode(),
                b"user.imagefs.images": str(len(ns.store.list_images(self.store, include_scratch=False))).encode()}
-        if self.store in ns.force_delete:
+        if ns.force_delete_armed(self.store):
             out[FORCE_DELETE] = b"1"
         return out
 
@@ -186,20 +198,21 @@ class Store(Node):
         if name != FORCE_DELETE:
             raise _no_xattr_support(name)
         if value.strip() in (b"1", b"yes", b"true"):
-            ns.force_delete.add(self.store)
+            ns.force_delete[self.store] = ns.store_incarnation(self.store)
         elif value.strip() in (b"0", b"no", b"false", b""):
-            ns.force_delete.discard(self.store)
+            ns.force_delete.pop(self.store, None)
         else:
             raise InvalidInput(f"{FORCE_DELETE.decode()}: use 1 or 0")
 
     def removexattr(self, ns, name):
         if name != FORCE_DELETE:
             raise _no_xattr_support(name)
-        ns.force_delete.discard(self.store)
+        ns.force_delete.pop(self.store, None)
 
 
 class ImagesDir(Node):
     mode = S.S_IFDIR | 0o755
+    writable = True
     attr_ttl = SHORT
     names_ttl = SHORT
 
@@ -320,16 +333,23 @@ class ExportDir(ImageNode):
 
 
 class ExportFile(ImageNode):
-    """A tar made while it is read: its size is unknown, so it reads as 0 and is opened direct_io."""
-    mode = S.S_IFREG | 0o444
+    """A tar made while it is read: its size is unknown, so it reads as 0 and is opened direct_io.
+    It holds every file of the image whatever its mode: owner and admin group only."""
+    mode = S.S_IFREG | 0o440
 
     @property
     def export(self) -> ExportName:
         return parse_export_name(self.key[1])
 
+    @property
+    def has_options(self):
+        """Named with options (not one of the listed ``<ancestor>.tar``): any name makes one."""
+        return "," in self.key[1]
+
 
 class ImportDir(ImageNode):
     mode = S.S_IFDIR | 0o755
+    writable = True
     attr_ttl = SHORT
     names_ttl = SHORT
 
@@ -372,6 +392,7 @@ ERROR_SUFFIX = b".error"
 class ImportFile(ImageNode):
     """A pending or running import: write a tar into it. Its size is the bytes received so far."""
     mode = S.S_IFREG | 0o200
+    writable = True
     attr_ttl = NONE
 
     @property
@@ -413,13 +434,16 @@ class ImportErrorFile(ImageNode, ContentFile):
 class Namespace:
     """Nodes by inode number, and the image trees behind ``rootfs``."""
 
-    def __init__(self, store, imports, *, scratch_capacity, pid, uid, gid):
+    def __init__(self, store, imports, *, scratch_capacity, pid, uid, gid, admin_gid=None):
         self.store = store
         self.imports = imports
         self.scratch_capacity = scratch_capacity
         self.pid = pid
-        self.force_delete = set()     # stores whose next rmdir deletes their images too
-        self._uid, self._gid = uid, gid
+        self.force_delete = {}        # store -> incarnation whose next rmdir deletes its images too
+        self._uid, self._gid = uid, (gid if admin_gid is None else admin_gid)
+        self._group_writes = admin_gid is not None
+        self._option_exports = OrderedDict()   # ino -> (export dir ino, name): forgettable, oldest first
+        self._lookups = {}            # ino -> the kernel's lookup count, for forgettable nodes
         self._time_ns = time.time_ns()
         self._lock = threading.Lock()
         self._nodes = {ROOT_INO: Root(None)}
@@ -446,6 +470,67 @@ class Namespace:
 
     def ino_of(self, node):
         return self._inos[(type(node), node.key)]
+
+    # --- export names with options: any name makes a node, so they must go again ------
+    def note_lookup(self, parent_ino, name, ino):
+        """Count the kernel's reference to an export node named with options; returns
+        (dir ino, name) entries the kernel should drop so that their nodes can go."""
+        node = self._nodes.get(ino)
+        if not isinstance(node, ExportFile) or not node.has_options:
+            return []
+        with self._lock:
+            self._lookups[ino] = self._lookups.get(ino, 0) + 1
+            self._option_exports[ino] = (parent_ino, name)
+            self._option_exports.move_to_end(ino)
+            excess = len(self._option_exports) - OPTION_EXPORTS_KEPT
+            return [self._option_exports.popitem(last=False)[1] for _ in range(max(0, excess))]
+
+    def forget(self, ino, nlookup):
+        """The kernel dropped ``nlookup`` references to ``ino``: a counted node with none left goes."""
+        with self._lock:
+            left = self._lookups.get(ino)
+            if left is None:
+                return
+            left -= nlookup
+            if left > 0:
+                self._lookups[ino] = left
+                return
+            del self._lookups[ino]
+            self._option_exports.pop(ino, None)
+            node = self._nodes.pop(ino, None)
+            if node is not None:
+                self._inos.pop((type(node), node.key), None)
+
+    # --- stores: force-delete belongs to one incarnation; busy while anything of it is used
+    def store_incarnation(self, store):
+        """What tells this store from a later one of the same name: its scratch disk's CID."""
+        chain = self.store.open_chain(self.store.get_image(store, SCRATCH).disk)
+        try:
+            return chain.layers[0].cid
+        finally:
+            chain.close()
+
+    def force_delete_armed(self, store):
+        armed = self.force_delete.get(store)
+        if armed is None:
+            return False
+        try:
+            if armed == self.store_incarnation(store):
+                return True
+        except ImageFSError:
+            pass
+        self.force_delete.pop(store, None)    # deleted (and maybe made again) behind the mount's back
+        return False
+
+    def check_store_unused(self, store):
+        """InUse while a file of the store is open in the mount or an import into it is pending."""
+        with self._lock:
+            refs = [r for (s, _), r in self._refs.items() if s == store]
+        for ref in refs:
+            if self.open_files(ref.idx):
+                raise InUse(f"image store {store} has files open in the mount (image {ref.id})")
+            if self.imports.sessions(ref.idx):
+                raise InUse(f"image store {store} has imports pending or running (on image {ref.id})")
 
     def node_at(self, ino):
         node = self._nodes.get(ino)
@@ -510,6 +595,8 @@ class Namespace:
 
     def stat(self, node):
         mode = node.mode
+        if self._group_writes and node.writable:
+            mode |= 0o020
         size = node.size(self)
         return Stat(ino=0, mode=mode, nlink=2 if S.S_ISDIR(mode) else 1, uid=self._uid, gid=self._gid, rdev=0,
                     size=size, blocks=(size + 511) // 512, atime_ns=self._time_ns, mtime_ns=self._time_ns,

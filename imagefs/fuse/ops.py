@@ -21,7 +21,8 @@ import trio
 from ..errors import ImageFSError, ReadOnly
 from ..export import export_diff
 from ..ids import SCRATCH
-from .exports import ExportStream
+from .access import visible_xattrs
+from .exports import ExportLimits, ExportStream
 from .files import BytesFile, DirHandle, ExportFileHandle, HandleTable, TreeFile
 from .imports import ImportHandle
 from .prefetch import Prefetcher
@@ -91,12 +92,13 @@ async def _in_thread(fn, *args):
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False       # no NFS export: no ".." lookups to answer
 
-    def __init__(self, ns, imports):
+    def __init__(self, ns, imports, limits=None):
         super().__init__()
         self.ns = ns
         self.imports = imports
         self.handles = HandleTable()
         self.exports = set()
+        self.export_limits = limits or ExportLimits(per_mount=32, per_user=8)
         self.nursery = None
         self._logged = set()
         self._listings = {}     # image directory inode -> [(name, EntryAttributes)]
@@ -132,6 +134,8 @@ class Operations(pyfuse3.Operations):
         entry = await _in_thread(self.ns.lookup, parent_inode, name)
         if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)  # not cached: the namespace changes
+        for directory, old_name in self.ns.note_lookup(parent_inode, name, entry.ino):
+            pyfuse3.invalidate_entry_async(directory, old_name, ignore_enoent=True)
         return _attributes(entry)
 
     @_errors_to_errno
@@ -163,7 +167,10 @@ class Operations(pyfuse3.Operations):
         return node.target()
 
     async def forget(self, inode_list):
-        pass    # inode numbers live as long as the mount; nothing to free
+        # Inode numbers live as long as the mount, except export names with options (any name
+        # makes one): those go when the kernel forgets them.
+        for inode, nlookup in inode_list:
+            self.ns.forget(inode, nlookup)
 
     # --- directories -------------------------------------------------------------------
     @_errors_to_errno
@@ -265,7 +272,7 @@ class Operations(pyfuse3.Operations):
         if writing:
             raise pyfuse3.FUSEError(errno.EROFS)
         if isinstance(node, ExportFile):
-            handle = await self._open_export(node)
+            handle = await self._open_export(node, ctx.uid)
             return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=True, keep_cache=False)
         if isinstance(node, ContentFile):
             handle = BytesFile(await _in_thread(node.content, self.ns))
@@ -273,21 +280,36 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=volatile, keep_cache=not volatile)
         raise pyfuse3.FUSEError(errno.EISDIR if node.is_dir else errno.EINVAL)
 
-    async def _open_export(self, node):
+    async def _open_export(self, node, uid):
         wanted = node.export
         ref, ns = node.ref, self.ns
 
         def open_trees():     # in a thread: opening a chain reads VMDK headers
             new = ns.tree(ref)
             if wanted.ancestor == SCRATCH:
-                return new, None       # scratch.tar: the whole image (every entry an add)
-            return new, ns.tree(ns.image_ref(ns.store.get_image(ref.store, wanted.ancestor)))
+                return new, None, None     # scratch.tar: the whole image (every entry an add)
+            old_ref = ns.image_ref(ns.store.get_image(ref.store, wanted.ancestor))
+            return new, ns.tree(old_ref), old_ref
 
-        new, old = await _in_thread(open_trees)
+        self.export_limits.acquire(uid)
+        try:
+            new, old, old_ref = await _in_thread(open_trees)
+        except BaseException:
+            self.export_limits.release(uid)
+            raise
+        held = [r.idx for r in (ref, old_ref) if r is not None]   # rmdir of either is busy meanwhile
+        for idx in held:
+            ns.hold(idx)
         name = f"{ref.store}/{ref.id}/export/{node.key[1]}"
         stream = ExportStream(lambda: export_diff(new, old, spec=wanted.spec, data=wanted.data), self.nursery, name)
         self.exports.add(stream)
-        return ExportFileHandle(stream, self.exports.discard)
+
+        def closed(stream):
+            self.exports.discard(stream)
+            self.export_limits.release(uid)
+            for idx in held:
+                ns.release(idx)
+        return ExportFileHandle(stream, closed)
 
     @_errors_to_errno
     async def read(self, fh, off, size):
@@ -320,7 +342,11 @@ class Operations(pyfuse3.Operations):
 
     @_errors_to_errno
     async def listxattr(self, inode, ctx):
-        return list(await self._xattrs(inode))
+        names = list(await self._xattrs(inode))
+        if ctx.uid == 0 or not names:
+            return names
+        st = (self.ns.tree_entry(inode) if is_tree_ino(inode) else await _in_thread(self.ns.getattr, inode)).stat
+        return visible_xattrs(names, ctx, st)      # the kernel checks getxattr, not listxattr
 
     async def _xattrs(self, inode):
         if is_tree_ino(inode):
