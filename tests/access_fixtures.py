@@ -24,7 +24,11 @@ SECRET_META = b'{"Env": ["TOKEN=s3cr3t"]}'
 
 
 def sec_tar():
+    with open(shutil.which("id"), "rb") as f:
+        id_binary = f.read()
     return make_tar([
+        ("bin", "dir", {}),
+        ("bin/id", "file", {"data": id_binary, "mode": 0o4755}),          # setuid root
         ("pub", "file", {"data": b"public\n", "mode": 0o644, "xattrs": {"user.pub": "1", "trusted.t": "tv"}}),
         ("secret", "file", {"data": b"top secret\n", "mode": 0o600, "xattrs": {"user.hidden": "h"}}),
         ("closed", "dir", {"mode": 0o700}),
@@ -124,9 +128,14 @@ def attempt(fn, *a):
 def read(p):
     with open(p, "rb") as f:
         return f.read().decode("utf-8", "replace")
-def write(p, data=b""):
+def write(p, data=""):
     with open(p, "wb") as f:
-        f.write(data)
+        f.write(data.encode("latin-1"))
+def peek(p):
+    with open(p, "rb") as f:
+        return len(f.read(512))
+def setxattr(p, name, value):
+    os.setxattr(p, name, value.encode())
 """
 
 
