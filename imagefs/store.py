@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from . import scratch as scratch_disk
-from .errors import Exists, ImageFSError, InUse, InvalidInput, NotFound, ReadOnly
+from .errors import CorruptDisk, Exists, ImageFSError, InUse, InvalidInput, NotFound, ReadOnly
 from .ids import SCRATCH, check_id
 from .tree import ImageTree
 from .vmdk import DiskChain, SparseExtent
@@ -189,6 +189,8 @@ class ImageStore:
         """The image's parents from the nearest up to scratch."""
         out, img = [], self.get_image(store, image_id)
         while img.parent is not None:
+            if img.parent in out or img.parent == image_id:
+                raise CorruptDisk(f"image {image_id} in store {store}: its disk chain loops at {img.parent}")
             out.append(img.parent)
             img = self.get_image(store, img.parent)
         return out

@@ -26,7 +26,8 @@ from .errors import CorruptDisk, InvalidInput, NotFound
 ROOT_INO = 2
 _EXT4_HUGE_FILE_FL = 0x40000
 _EXT4_INLINE_DATA_FL = 0x10000000
-_READ_ERRORS = (extfs_errors.Error, EOFError, ValueError, KeyError, IndexError, struct.error)
+# dissect's complaints about a broken (or unsupported: NotImplementedError) filesystem
+_READ_ERRORS = (extfs_errors.Error, EOFError, ValueError, KeyError, IndexError, struct.error, NotImplementedError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +131,7 @@ class ImageTree:
     # --- the API ---------------------------------------------------------------------
     def _raw_inode(self, ino):
         """The 256-byte on-disk inode record."""
-        if not 1 <= ino <= self.inodes_total:
+        if not self.geo.in_use(ino):
             raise CorruptDisk(f"{self.name}: inode number {ino} out of range")
         try:
             return self.geo.record(ino)
@@ -173,7 +174,7 @@ class ImageTree:
         except _READ_ERRORS as e:
             raise CorruptDisk(f"{self.name}: cannot read directory inode {ino} ({e})") from None
         for _name, child in entries:
-            if not 1 <= child <= self.inodes_total:
+            if not self.geo.in_use(child):
                 raise CorruptDisk(f"{self.name}: directory inode {ino} names inode {child} out of range")
         return tuple(entries)
 
@@ -203,6 +204,8 @@ class ImageTree:
         node = self._inode(ino)
         if not statmod.S_ISLNK(node.inode.i_mode):
             raise InvalidInput(f"inode {ino} is not a symlink")
+        if self.stat(ino).size > ext4.MAX_SYMLINK:
+            raise CorruptDisk(f"{self.name}: symlink inode {ino} claims {self.stat(ino).size} bytes")
         try:
             return node.open().read()
         except _READ_ERRORS as e:
@@ -210,8 +213,13 @@ class ImageTree:
 
     def _xattrs(self, ino):
         """All xattrs of ``ino`` as getxattr shows them: a dict of name bytes to value bytes."""
-        if not ext4.has_xattrs(self._raw_inode(ino)):
+        rec = self._raw_inode(ino)
+        if not ext4.has_xattrs(rec):
             return {}
+        try:
+            ext4.check_xattr_sizes(self.geo, rec)
+        except CorruptDisk as e:
+            raise CorruptDisk(f"{self.name}: inode {ino}: {e}") from None
         try:
             return {name: ext4.vfs_acl(value) if name in ext4.ACL_NAMES else value
                     for name, value in ((x.name.encode("utf-8", "surrogateescape"), bytes(x.value))
@@ -259,8 +267,12 @@ class ImageTree:
         size = node.size
         if node.inode.i_flags & _EXT4_INLINE_DATA_FL or size == 0:
             return [(0, size)] if size else []
+        try:
+            runs = node.dataruns()
+        except _READ_ERRORS as e:
+            raise CorruptDisk(f"{self.name}: cannot map the data of inode {ino} ({e})") from None
         ranges, pos = [], 0
-        for block, count in node.dataruns():
+        for block, count in runs:
             length = count * self.block_size
             if block is not None and pos < size:
                 end = min(size, pos + length)
