@@ -26,6 +26,7 @@ log = logging.getLogger("imagefs.store")
 
 ROOT_DIR = "VIC"
 DATASTORE_NAME = "local"
+TREES_KEPT = 64         # open trees cached; the oldest are dropped (and their files closed once unused)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,11 @@ def _disk_path(store, image_id):
     return f"{_image_dir(store, image_id)}/{image_id}.vmdk"
 
 
+def _children_lock(store, image_id):
+    """Held (shared) while a child of the image is written, so the image is not deleted under it."""
+    return f"{_image_dir(store, image_id)}/.children.lock"
+
+
 def _container_disk(container_id):
     return f"{container_id}/{container_id}.vmdk"
 
@@ -83,12 +89,14 @@ class ImageStore:
         check_id(name, "store name")
         self.ds.mkdir(_store_dir(name))  # atomic: raises Exists for a taken name
         try:
-            self.ds.mkdir(_images_dir(name))
-            self.ds.mkdir(_image_dir(name, SCRATCH))
-            self.ds.mkdir(f"{_image_dir(name, SCRATCH)}/imageMetadata")
-            scratch_disk.make_scratch_disk(self.ds.local_path(_disk_path(name, SCRATCH)), capacity,
-                                           workdir=self.workdir)
-            self.ds.write_file(f"{_image_dir(name, SCRATCH)}/manifest", b"")
+            # held while scratch is made: a delete or clean-up by another process waits it out (EBUSY)
+            with self.ds.lock(f"{_store_dir(name)}/.lock", exclusive=True):
+                self.ds.mkdir(_images_dir(name))
+                self.ds.mkdir(_image_dir(name, SCRATCH))
+                self.ds.mkdir(f"{_image_dir(name, SCRATCH)}/imageMetadata")
+                scratch_disk.make_scratch_disk(self.ds.local_path(_disk_path(name, SCRATCH)), capacity,
+                                               workdir=self.workdir)
+                self.ds.write_file(f"{_image_dir(name, SCRATCH)}/manifest", b"")
         except BaseException:
             self.ds.rmtree(_store_dir(name))
             raise
@@ -218,7 +226,10 @@ class ImageStore:
             parent = self.get_image(store, parent_id)
         except NotFound:
             raise NotFound(f"parent image {parent_id} not found in store {store}") from None
-        with self.ds.lock(f"{_store_dir(store)}/.lock", exclusive=False):
+        with self.ds.lock(f"{_store_dir(store)}/.lock", exclusive=False), \
+                self.ds.lock(_children_lock(store, parent_id), exclusive=False):   # the parent stays
+            if not self.ds.exists(f"{_image_dir(store, parent_id)}/manifest"):
+                raise NotFound(f"parent image {parent_id} not found in store {store}")
             d = _image_dir(store, image_id)
             try:
                 self.ds.mkdir(d)
@@ -252,10 +263,13 @@ class ImageStore:
         if owners:
             raise InUse(f"image {image_id} is in use by containers: {', '.join(owners)}")
         d = _image_dir(store, image_id)
-        self._forget_trees(store, image_id)
-        self.ds.remove(f"{d}/manifest")      # first: from here on the image does not exist
-        self.ds.remove(img.disk)
-        self.ds.rmtree(d)
+        with self.ds.lock(_children_lock(store, image_id), exclusive=True, blocking=False) as got:
+            if not got:
+                raise InUse(f"image {image_id} has a child image being written")
+            self._forget_trees(store, image_id)
+            self.ds.remove(f"{d}/manifest")      # first: from here on the image does not exist
+            self.ds.remove(img.disk)
+            self.ds.rmtree(d)
         log.info("deleted image %s/%s", store, image_id)
 
     def delete_branch(self, store, image_id, keep=()):
@@ -307,6 +321,8 @@ class ImageStore:
         tree = ImageTree(self.open_chain(img.disk), name=f"{store}/{image_id}")
         with self._lock:
             tree = self._trees.setdefault(key, tree)
+            while len(self._trees) > TREES_KEPT:        # each holds a descriptor per layer
+                self._trees.pop(next(iter(self._trees)))
         return tree
 
     def _forget_trees(self, store, image_id=None):

@@ -168,3 +168,22 @@ def test_a_corrupt_file_is_eio_and_one_log_line_while_the_rest_is_served(seed_di
         assert wait_for(lambda: "slow-link" in log.read_text() or "symlink inode" in log.read_text())
         lines = [ln for ln in log.read_text().splitlines() if "symlink inode" in ln and "readlink" in ln]
         assert len(lines) == 1, lines
+
+
+@pytest.mark.parametrize("field", ["uid", "gid"])
+def test_a_negative_owner_in_a_tar_is_one_line(tmp_path, field):
+    """Found by the campaign: a base-256 negative uid reached chown and raised OverflowError."""
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        ti = tarfile.TarInfo("f")
+        setattr(ti, field, -5)
+        tf.addfile(ti, io.BytesIO(b""))
+    tar = tmp_path / "neg.tar"
+    tar.write_bytes(buf.getvalue())
+    ds = str(tmp_path / "ds")
+    assert subprocess.run(IMAGEFS + ["--datastore", ds, "store", "create", "s", "--capacity", "64MiB"]).returncode == 0
+    proc = subprocess.run(IMAGEFS + ["--datastore", ds, "image", "write", "s", "scratch", "x", str(tar)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [f"imagefs: f: {field} -5 is out of range"]

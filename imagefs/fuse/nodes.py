@@ -55,6 +55,7 @@ NONE = 0.0        # changes with every byte written or every look
 XATTR_PREFIX = b"user.imagefs."
 FORCE_DELETE = b"user.imagefs.force-delete"
 OPTION_EXPORTS_KEPT = 1024   # export names with options the mount remembers before asking the kernel to drop some
+TREES_KEPT = 64              # open image trees (each holds a descriptor per layer); others reopen on use
 
 
 def tree_ino(idx, ext4_ino):
@@ -450,7 +451,8 @@ class Namespace:
         self._inos = {(Root, None): ROOT_INO}
         self._next_ino = ROOT_INO + 1
         self._refs = {}               # (store, id) -> ImageRef
-        self._trees = {}              # idx -> ImageTree
+        self._ref_of = {}             # idx -> ImageRef, while the image is known
+        self._trees = OrderedDict()   # idx -> ImageTree, least recently opened first
         self._next_idx = 1
         self._open = {}               # idx -> open image files
 
@@ -546,6 +548,7 @@ class Namespace:
                 ref = ImageRef(self._next_idx, img.store, img.id, img.parent, tuple(sorted(img.metadata_keys)))
                 self._next_idx += 1
                 self._refs[(img.store, img.id)] = ref
+                self._ref_of[ref.idx] = ref
             return ref
 
     def tree(self, ref):
@@ -554,12 +557,15 @@ class Namespace:
             tree = self.store.tree(ref.store, ref.id)
             with self._lock:
                 tree = self._trees.setdefault(ref.idx, tree)
+                while len(self._trees) > TREES_KEPT:     # its open handles keep it alive until closed
+                    self._trees.popitem(last=False)
         return tree
 
     def forget_image(self, ref):
         """After a delete: later lookups see a new incarnation, old inodes go stale."""
         with self._lock:
             self._refs.pop((ref.store, ref.id), None)
+            self._ref_of.pop(ref.idx, None)
             self._trees.pop(ref.idx, None)
 
     def forget_missing(self, store, image_id):
@@ -622,7 +628,10 @@ class Namespace:
     def _tree_of(self, ino):
         tree = self._trees.get(ino >> TREE_SHIFT)
         if tree is None:
-            raise NotFound(f"inode {ino}: its image is gone")
+            ref = self._ref_of.get(ino >> TREE_SHIFT)
+            if ref is None:
+                raise NotFound(f"inode {ino}: its image is gone")
+            tree = self.tree(ref)       # dropped from the open trees: open it again (a few header reads)
         return tree
 
     def tree_entry(self, ino):
