@@ -11,7 +11,8 @@ APT_PACKAGES=(
   libarchive13 libarchive-tools          # tar reading for imports; bsdtar as a test oracle
   attr acl tar gzip bzip2 xz-utils zstd  # getfattr/setfattr, setfacl/getfacl; compressed layer inputs
   umoci                                  # independent layer applier used as a test oracle
-  fio util-linux procps psmisc           # benchmarks; mount/losetup/setpriv; pkill/fuser
+  fio bindfs util-linux procps psmisc    # benchmarks (bindfs: a C FUSE peer); mount/losetup/setpriv; pkill/fuser
+  patch                                  # the project's patch to pyfuse3 (scripts/build-pyfuse3.sh)
   python3 python3-venv python3-dev gcc
 )
 
@@ -30,3 +31,4 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test,fuzz]'
+./scripts/build-pyfuse3.sh               # pyfuse3 with cache_readdir (patches/)

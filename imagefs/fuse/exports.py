@@ -103,7 +103,7 @@ class ExportStream:
 class ExportLimits:
     """How many exports may be open at once: in the whole mount and per user (uid)."""
 
-    def __init__(self, per_mount, per_user):
+    def __init__(self, per_mount=32, per_user=8):
         self.per_mount, self.per_user = per_mount, per_user
         self._by_uid = {}
 

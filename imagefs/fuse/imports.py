@@ -124,6 +124,7 @@ PENDING, RECEIVING, COMMITTING, DONE = "pending", "receiving", "committing", "do
 
 class ImportHandle(Handle):
     """One open() of an import file."""
+    direct_io = True        # every write must reach the import, in order
 
     def __init__(self, session, ino, truncate):
         self.session = session

@@ -22,9 +22,10 @@ import trio
 from ..datastore import open_datastore
 from ..errors import ImageFSError, InvalidInput
 from ..store import ImageStore
-from .imports import ImportRegistry
 from .exports import ExportLimits
-from .nodes import Namespace
+from .imports import ImportRegistry
+from .namespace import Namespace
+from .nodes import SHORT
 from .ops import Operations
 from .options import parse_options
 
@@ -84,11 +85,14 @@ def _run(datastore, mountpoint, opts, ready):
     """Mount and serve until unmounted; ``ready()`` is called once requests are served."""
     _setup_logging(opts, background=ready is not None)
     try:
-        store = ImageStore(open_datastore(datastore), writer_method=opts.writer, workdir=opts.workdir)
+        # the catalogue of a store's images lives as long as the kernel keeps their names (SHORT)
+        store = ImageStore(open_datastore(datastore), writer_method=opts.writer, workdir=opts.workdir,
+                           catalogue_ttl=SHORT)
         imports = ImportRegistry(store)
         ns = Namespace(store, imports, scratch_capacity=opts.scratch_capacity, pid=os.getpid(),
-                       uid=os.getuid(), gid=os.getgid(), admin_gid=opts.admin_gid)
-        ops = Operations(ns, imports, ExportLimits(opts.max_exports, opts.max_exports_per_user))
+                       uid=os.getuid(), gid=os.getgid(), admin_gid=opts.admin_gid,
+                       export_limits=ExportLimits(opts.max_exports, opts.max_exports_per_user))
+        ops = Operations(ns, imports)
         try:
             pyfuse3.init(ops, mountpoint, opts.fuse)
         except RuntimeError as e:
@@ -115,7 +119,8 @@ async def _serve(ops, mountpoint, ready):
                 serving.start_soon(_stop_on_signal, signals, ops)
                 serving.start_soon(_serve_requests, serving.cancel_scope)
                 # Ready means answering: the kernel's INIT and a first request went through.
-                await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+                st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+                _widen_readahead(st.st_dev)
                 if ready is not None:
                     ready()
         await ops.shutdown()                          # unmounted from outside: abort what is left
@@ -193,6 +198,23 @@ def _setup_logging(opts, background):
     level = logging.DEBUG if opts.debug else logging.INFO
     if root.level > level or root.level == logging.NOTSET or background:
         root.setLevel(level)
+
+
+READAHEAD_KB = 4096
+
+
+def _widen_readahead(dev):
+    """Let the kernel read ahead 4 MiB at a time (in 1 MiB requests) instead of FUSE's 128 KiB.
+
+    A sequential reader then keeps several big reads in flight, which is what a cold
+    read needs to reach the disk's speed. Only root may set it; others keep the default.
+    """
+    path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(READAHEAD_KB))
+    except OSError as e:
+        log.debug("cannot set %s: %s", path, e)
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The mount's namespace and its inode table.
+"""The nodes of the mount: what each file and directory is and what it answers.
 
 ::
 
@@ -6,47 +6,34 @@
     <store>/                                 Store
     <store>/images/                          ImagesDir: one directory per sealed image
     <store>/images/<id>/                     ImageDir
-        rootfs/...                           the image's tree (ImageTree inodes, not nodes)
+        rootfs/...                           TreeNode: the image's tree (made per request)
         import/<new-id>, <new-id>.error      ImportDir, ImportFile, ImportErrorFile
         export/<ancestor>[,opts].tar         ExportDir, ExportFile
         meta/<key>                           MetaDir, MetaFile
         parent -> ../<parent-id>             ParentLink (not for scratch)
         info.json                            InfoFile
 
-Inode numbers: synthetic nodes count up from 2 (1 is the root) and stay below 2**32;
-a file of an image tree is ``(image index << 32) | ext4 inode``. Each image gets its
-index the first time the mount sees it, and an index is never reused, so numbers are
-stable for the life of the mount and an image deleted and made again gets new ones
-(the kernel may still hold pages of the old one).
-
-Who may do what (docs/mount.md, "Who may read and change what"): the synthetic
-nodes belong to the mount's owner; the ones that accept changes are writable by
-the owner alone, or also by the mount's ``admin_group``. Files whose bytes bypass
-the modes inside an image (exports, meta/, info.json, .error reports) are 0440:
-owner and group only. The kernel enforces all of it (``default_permissions``).
-
-Plain synchronous code, safe to call from worker threads: the adapter (ops.py) calls
-the ``tree_*`` methods inline and everything else from a thread, because that touches
-the image store.
+Every node answers the same questions (getattr, lookup, listdir, open, readlink,
+xattrs and the changes), so the FUSE adapter (ops.py) only dispatches. Plain
+synchronous code over the Namespace (namespace.py). Nodes with ``inline`` set
+answer from memory and local preads and are called on the event loop; the others
+touch the image store and are called from worker threads.
 """
 import json
+import os
 import stat as S
-import threading
-import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..errors import Exists, ImageFSError, InUse, InvalidInput, NotFound, ReadOnly
+from ..errors import Exists, InUse, InvalidInput, NotFound, ReadOnly
+from ..ext4 import Stat
 from ..ids import SCRATCH, check_id
 from ..tree import ROOT_INO as EXT4_ROOT_INO
-from ..tree import Stat
-from .errors import NotEmpty, NotSupported
+from .errors import IsADirectory, NotEmpty, NotSupported, PermissionDenied
+from .files import BytesFile, ExportFileHandle, TreeFile
+from .imports import ImportHandle
+from .inodes import tree_ino
 from .names import ExportName, export_file_name, parse_export_name
-
-ROOT_INO = 1
-TREE_SHIFT = 32
-LOW_MASK = (1 << TREE_SHIFT) - 1
 
 LONG = 300.0      # sealed images never change
 SHORT = 1.0       # stores, images and imports come and go (also from outside this mount)
@@ -54,16 +41,7 @@ NONE = 0.0        # changes with every byte written or every look
 
 XATTR_PREFIX = b"user.imagefs."
 FORCE_DELETE = b"user.imagefs.force-delete"
-OPTION_EXPORTS_KEPT = 1024   # export names with options the mount remembers before asking the kernel to drop some
-TREES_KEPT = 64              # open image trees (each holds a descriptor per layer); others reopen on use
-
-
-def tree_ino(idx, ext4_ino):
-    return (idx << TREE_SHIFT) | ext4_ino
-
-
-def is_tree_ino(ino):
-    return ino > LOW_MASK
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
 class Entry(NamedTuple):
@@ -86,9 +64,13 @@ class ImageRef:
 class Node:
     """A synthetic file or directory. Subclasses say what they hold."""
     mode = S.S_IFDIR | 0o555
-    writable = False          # changes go through it: the admin group may write it too
     attr_ttl = LONG
     names_ttl = LONG          # for directories: how long names looked up in it stay valid
+    negative_ttl = 0.0        # how long the kernel may remember that a name is absent
+    cache_listing = False     # may the kernel keep the directory's listing
+    inline = False            # answers without the image store: call on the event loop
+    settable = False          # accepts setattr (times, modes: ignored; size: truncate)
+    writable = False          # changes go through it: the admin group may write it too
 
     def __init__(self, key):
         self.key = key
@@ -100,6 +82,30 @@ class Node:
     def size(self, ns):
         return 0
 
+    # --- what the adapter asks -----------------------------------------------------
+    def getattr(self, ns):
+        return Entry(ns.ino_of(self), ns.stat(self), 0, self.attr_ttl)
+
+    def lookup(self, ns, name):
+        """The Entry of ``name`` in this directory, or None."""
+        if not self.is_dir:
+            raise InvalidInput("not a directory")
+        child = self.find(ns, name)
+        return None if child is None else ns.entry(child, self.names_ttl)
+
+    def listdir(self, ns):
+        return [(name, ns.entry(child, self.names_ttl)) for name, child in self.list(ns)]
+
+    def open(self, ns, flags, uid=0):
+        """A handle (files.py) for reading or writing this file (``uid``: the caller's)."""
+        if self.is_dir:
+            raise IsADirectory("is a directory")
+        raise InvalidInput("not a file")
+
+    def readlink(self, ns):
+        raise InvalidInput("not a symlink")
+
+    # --- how a directory is made up ----------------------------------------------------
     def list(self, ns):
         """[(name bytes, Node or tree inode)] of a directory."""
         raise InvalidInput("not a directory")
@@ -112,6 +118,9 @@ class Node:
         return {}
 
     # Changes: everything is read-only unless a node says otherwise.
+    def create(self, ns, name, flags):
+        raise ReadOnly("read-only")
+
     def mkdir(self, ns, name):
         raise ReadOnly("read-only")
 
@@ -137,6 +146,62 @@ class ContentFile(Node):
 
     def size(self, ns):
         return len(self.content(ns))
+
+    def open(self, ns, flags, uid=0):
+        if flags & _WRITE_FLAGS:
+            raise ReadOnly("read-only")
+        # a size that may change must not let the kernel clip reads to a stale one
+        return BytesFile(self.content(ns), volatile=self.attr_ttl == NONE)
+
+
+# --- an image's tree ------------------------------------------------------------------------
+class TreeNode:
+    """A file of an image tree, made per request (the tree holds everything about it)."""
+    __slots__ = ("tree", "ino", "ext4_ino", "base", "idx")
+    inline = True
+    negative_ttl = LONG
+    cache_listing = True
+    settable = False
+
+    def __init__(self, tree, idx, ino, ext4_ino):
+        self.tree = tree
+        self.idx = idx
+        self.ino = ino
+        self.ext4_ino = ext4_ino
+        self.base = ino - ext4_ino
+
+    def getattr(self, ns):
+        return Entry(self.ino, self.tree.stat(self.ext4_ino), LONG, LONG)
+
+    def lookup(self, ns, name):
+        try:
+            child = self.tree.lookup(self.ext4_ino, name)
+        except NotFound:
+            return None
+        return Entry(self.base | child, self.tree.stat(child), LONG, LONG)
+
+    def listdir(self, ns):
+        base = self.base
+        return [(name, Entry(base | st.ino, st, LONG, LONG)) for name, st in self.tree.entries(self.ext4_ino)]
+
+    def open(self, ns, flags, uid=0):
+        if flags & _WRITE_FLAGS:
+            raise ReadOnly("read-only")
+        st = self.tree.stat(self.ext4_ino)
+        if not st.is_reg:
+            raise IsADirectory("is a directory") if st.is_dir else InvalidInput("not a regular file")
+        return TreeFile(ns, self.idx, self.ino, self.tree, self.ext4_ino, st.size)
+
+    def readlink(self, ns):
+        return self.tree.readlink(self.ext4_ino)
+
+    def xattrs(self, ns):
+        return self.tree.xattrs(self.ext4_ino)
+
+    def _read_only(self, ns, *_args):
+        raise ReadOnly("read-only")
+
+    create = mkdir = rmdir = unlink = setxattr = removexattr = _read_only
 
 
 # --- the store level ------------------------------------------------------------------------
@@ -258,23 +323,19 @@ class ImageNode(Node):
 
 class ImageDir(ImageNode):
     mode = S.S_IFDIR | 0o755
+    _NODES = {b"import": lambda ref: ImportDir, b"export": lambda ref: ExportDir, b"meta": lambda ref: MetaDir,
+              b"info.json": lambda ref: InfoFile, b"parent": lambda ref: ParentLink if ref.parent else None}
 
     def list(self, ns):
-        ref = self.ref
-        ns.tree(ref)  # open the chain now, in the caller's worker thread
-        out = [(b"rootfs", tree_ino(ref.idx, EXT4_ROOT_INO)),
-               (b"import", ns.node(ImportDir, ref)),
-               (b"export", ns.node(ExportDir, ref)),
-               (b"meta", ns.node(MetaDir, ref)),
-               (b"info.json", ns.node(InfoFile, ref))]
-        if ref.parent is not None:
-            out.append((b"parent", ns.node(ParentLink, ref)))
-        return out
+        return [(b"rootfs", self.find(ns, b"rootfs"))] + [
+            (name, self.find(ns, name)) for name in self._NODES if self.find(ns, name) is not None]
 
     def find(self, ns, name):
         if name == b"rootfs":
-            ns.tree(self.ref)  # open the chain now, in the caller's worker thread
-        return super().find(ns, name)
+            ns.tree(self.ref)  # open the chain only now (in the caller's worker thread)
+            return tree_ino(self.ref.idx, EXT4_ROOT_INO)
+        cls = self._NODES.get(name, lambda ref: None)(self.ref)
+        return None if cls is None else ns.node(cls, self.ref)
 
     def xattrs(self, ns):
         return {XATTR_PREFIX + k.encode(): v.encode() for k, v in _image_info(ns, self.ref).items()
@@ -287,11 +348,11 @@ class ImageDir(ImageNode):
 class ParentLink(ImageNode):
     mode = S.S_IFLNK | 0o777
 
-    def target(self):
+    def readlink(self, ns):
         return b"../" + self.ref.parent.encode()
 
     def size(self, ns):
-        return len(self.target())
+        return len(self.readlink(ns))
 
 
 class InfoFile(ImageNode, ContentFile):
@@ -347,6 +408,25 @@ class ExportFile(ImageNode):
         """Named with options (not one of the listed ``<ancestor>.tar``): any name makes one."""
         return "," in self.key[1]
 
+    def open(self, ns, flags, uid=0):
+        """A stream of the diff, made while it is read (opening its trees reads VMDK headers)."""
+        from ..export import export_diff
+
+        if flags & _WRITE_FLAGS:
+            raise ReadOnly("read-only")
+        wanted, ref = self.export, self.ref
+        new = ns.tree(ref)
+        old_ref = None if wanted.ancestor == SCRATCH else \
+            ns.image_ref(ns.store.get_image(ref.store, wanted.ancestor))   # scratch.tar: the whole image
+        old = None if old_ref is None else ns.tree(old_ref)
+        held = [r.idx for r in (ref, old_ref) if r is not None]          # rmdir of either is busy meanwhile
+        handle = ns.exports.open(lambda: export_diff(new, old, spec=wanted.spec, data=wanted.data),
+                                 f"{ref.store}/{ref.id}/export/{self.key[1]}", uid,
+                                 on_close=lambda: [ns.release(idx) for idx in held])
+        for idx in held:
+            ns.hold(idx)
+        return handle
+
 
 class ImportDir(ImageNode):
     mode = S.S_IFDIR | 0o755
@@ -361,6 +441,12 @@ class ImportDir(ImageNode):
         for new_id, failure in ns.imports.failures(self.ref.idx):
             out.append((new_id.encode() + ERROR_SUFFIX, ns.node(ImportErrorFile, (self.ref, new_id, failure.serial))))
         return sorted(out)
+
+    def create(self, ns, name, flags):
+        """A pending import for ``name``: (its handle, its Entry)."""
+        child = self.new_import(ns, name)
+        entry = ns.entry(child, self.names_ttl)
+        return ImportHandle(child.session(ns), entry.ino, truncate=bool(flags & os.O_TRUNC)), entry
 
     def new_import(self, ns, name):
         """A pending import for ``name`` (the ``create`` of import/<new-id>)."""
@@ -395,6 +481,12 @@ class ImportFile(ImageNode):
     mode = S.S_IFREG | 0o200
     writable = True
     attr_ttl = NONE
+    settable = True     # cp -p, touch and tar set times and modes on what they write: accepted, ignored
+
+    def open(self, ns, flags, uid=0):
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            raise PermissionDenied("write-only: the layer is read back from rootfs/")
+        return ImportHandle(self.session(ns), ns.ino_of(self), truncate=bool(flags & os.O_TRUNC))
 
     @property
     def new_id(self):
@@ -429,242 +521,6 @@ class ImportErrorFile(ImageNode, ContentFile):
         if failure is None or failure.serial != self.key[2]:
             raise NotFound(f"no failure report for import {self.new_id}")
         return failure.message.encode() + b"\n"
-
-
-# --- the namespace -------------------------------------------------------------------------
-class Namespace:
-    """Nodes by inode number, and the image trees behind ``rootfs``."""
-
-    def __init__(self, store, imports, *, scratch_capacity, pid, uid, gid, admin_gid=None):
-        self.store = store
-        self.imports = imports
-        self.scratch_capacity = scratch_capacity
-        self.pid = pid
-        self.force_delete = {}        # store -> incarnation whose next rmdir deletes its images too
-        self._uid, self._gid = uid, (gid if admin_gid is None else admin_gid)
-        self._group_writes = admin_gid is not None
-        self._option_exports = OrderedDict()   # ino -> (export dir ino, name): forgettable, oldest first
-        self._lookups = {}            # ino -> the kernel's lookup count, for forgettable nodes
-        self._time_ns = time.time_ns()
-        self._lock = threading.Lock()
-        self._nodes = {ROOT_INO: Root(None)}
-        self._inos = {(Root, None): ROOT_INO}
-        self._next_ino = ROOT_INO + 1
-        self._refs = {}               # (store, id) -> ImageRef
-        self._ref_of = {}             # idx -> ImageRef, while the image is known
-        self._trees = OrderedDict()   # idx -> ImageTree, least recently opened first
-        self._next_idx = 1
-        self._open = {}               # idx -> open image files
-
-    # --- inode table ------------------------------------------------------------------
-    def node(self, cls, key):
-        """The node ``cls(key)``, registered under a stable inode number."""
-        with self._lock:
-            ino = self._inos.get((cls, key))
-            if ino is None:
-                ino = self._next_ino
-                if ino > LOW_MASK:
-                    raise InvalidInput("out of synthetic inode numbers")
-                self._next_ino += 1
-                self._inos[(cls, key)] = ino
-                self._nodes[ino] = cls(key)
-            return self._nodes[ino]
-
-    def ino_of(self, node):
-        return self._inos[(type(node), node.key)]
-
-    # --- export names with options: any name makes a node, so they must go again ------
-    def note_lookup(self, parent_ino, name, ino):
-        """Count the kernel's reference to an export node named with options; returns
-        (dir ino, name) entries the kernel should drop so that their nodes can go."""
-        node = self._nodes.get(ino)
-        if not isinstance(node, ExportFile) or not node.has_options:
-            return []
-        with self._lock:
-            self._lookups[ino] = self._lookups.get(ino, 0) + 1
-            self._option_exports[ino] = (parent_ino, name)
-            self._option_exports.move_to_end(ino)
-            excess = len(self._option_exports) - OPTION_EXPORTS_KEPT
-            return [self._option_exports.popitem(last=False)[1] for _ in range(max(0, excess))]
-
-    def forget(self, ino, nlookup):
-        """The kernel dropped ``nlookup`` references to ``ino``: a counted node with none left goes."""
-        with self._lock:
-            left = self._lookups.get(ino)
-            if left is None:
-                return
-            left -= nlookup
-            if left > 0:
-                self._lookups[ino] = left
-                return
-            del self._lookups[ino]
-            self._option_exports.pop(ino, None)
-            node = self._nodes.pop(ino, None)
-            if node is not None:
-                self._inos.pop((type(node), node.key), None)
-
-    # --- stores: force-delete belongs to one incarnation; busy while anything of it is used
-    def store_incarnation(self, store):
-        """What tells this store from a later one of the same name: its scratch disk's CID."""
-        chain = self.store.open_chain(self.store.get_image(store, SCRATCH).disk)
-        try:
-            return chain.layers[0].cid
-        finally:
-            chain.close()
-
-    def force_delete_armed(self, store):
-        armed = self.force_delete.get(store)
-        if armed is None:
-            return False
-        try:
-            if armed == self.store_incarnation(store):
-                return True
-        except ImageFSError:
-            pass
-        self.force_delete.pop(store, None)    # deleted (and maybe made again) behind the mount's back
-        return False
-
-    def check_store_unused(self, store):
-        """InUse while a file of the store is open in the mount or an import into it is pending."""
-        with self._lock:
-            refs = [r for (s, _), r in self._refs.items() if s == store]
-        for ref in refs:
-            if self.open_files(ref.idx):
-                raise InUse(f"image store {store} has files open in the mount (image {ref.id})")
-            if self.imports.sessions(ref.idx):
-                raise InUse(f"image store {store} has imports pending or running (on image {ref.id})")
-
-    def node_at(self, ino):
-        node = self._nodes.get(ino)
-        if node is None:
-            raise NotFound(f"inode {ino} is gone")
-        return node
-
-    def image_ref(self, img):
-        """The mount's handle on a sealed image (``store.Image``), made on first sight."""
-        with self._lock:
-            ref = self._refs.get((img.store, img.id))
-            if ref is None:
-                ref = ImageRef(self._next_idx, img.store, img.id, img.parent, tuple(sorted(img.metadata_keys)))
-                self._next_idx += 1
-                self._refs[(img.store, img.id)] = ref
-                self._ref_of[ref.idx] = ref
-            return ref
-
-    def tree(self, ref):
-        tree = self._trees.get(ref.idx)
-        if tree is None:
-            tree = self.store.tree(ref.store, ref.id)
-            with self._lock:
-                tree = self._trees.setdefault(ref.idx, tree)
-                while len(self._trees) > TREES_KEPT:     # its open handles keep it alive until closed
-                    self._trees.popitem(last=False)
-        return tree
-
-    def forget_image(self, ref):
-        """After a delete: later lookups see a new incarnation, old inodes go stale."""
-        with self._lock:
-            self._refs.pop((ref.store, ref.id), None)
-            self._ref_of.pop(ref.idx, None)
-            self._trees.pop(ref.idx, None)
-
-    def forget_missing(self, store, image_id):
-        """An image deleted behind the mount's back (e.g. by the CLI) is forgotten once seen missing."""
-        ref = self._refs.get((store, image_id))
-        if ref is not None:
-            self.forget_image(ref)
-
-    def forget_store(self, store):
-        with self._lock:
-            refs = [r for (s, _), r in self._refs.items() if s == store]
-        for ref in refs:
-            self.forget_image(ref)
-
-    # --- open files of image trees (rmdir of an image is refused while any is open) ----
-    def hold(self, idx):
-        with self._lock:
-            self._open[idx] = self._open.get(idx, 0) + 1
-
-    def release(self, idx):
-        with self._lock:
-            self._open[idx] -= 1
-
-    def open_files(self, idx):
-        return self._open.get(idx, 0)
-
-    # --- synthetic nodes --------------------------------------------------------------
-    def entry(self, child, names_ttl):
-        """The Entry of a child (Node or tree inode) found in a directory with ``names_ttl``."""
-        if isinstance(child, int):
-            return self.tree_entry(child)
-        return Entry(self.ino_of(child), self.stat(child), names_ttl, child.attr_ttl)
-
-    def stat(self, node):
-        mode = node.mode
-        if self._group_writes and node.writable:
-            mode |= 0o020
-        size = node.size(self)
-        return Stat(ino=0, mode=mode, nlink=2 if S.S_ISDIR(mode) else 1, uid=self._uid, gid=self._gid, rdev=0,
-                    size=size, blocks=(size + 511) // 512, atime_ns=self._time_ns, mtime_ns=self._time_ns,
-                    ctime_ns=self._time_ns)
-
-    def lookup(self, parent_ino, name):
-        """Entry of ``name`` in a synthetic directory, or None."""
-        parent = self.node_at(parent_ino)
-        if not parent.is_dir:
-            raise InvalidInput("not a directory")
-        child = parent.find(self, name)
-        return None if child is None else self.entry(child, parent.names_ttl)
-
-    def getattr(self, ino):
-        node = self.node_at(ino)
-        return Entry(ino, self.stat(node), 0, node.attr_ttl)
-
-    def listdir(self, ino):
-        node = self.node_at(ino)
-        return [(name, self.entry(child, node.names_ttl)) for name, child in node.list(self)]
-
-    # --- image trees (hot path: called inline, no store access) ------------------------
-    def _tree_of(self, ino):
-        tree = self._trees.get(ino >> TREE_SHIFT)
-        if tree is None:
-            ref = self._ref_of.get(ino >> TREE_SHIFT)
-            if ref is None:
-                raise NotFound(f"inode {ino}: its image is gone")
-            tree = self.tree(ref)       # dropped from the open trees: open it again (a few header reads)
-        return tree
-
-    def tree_entry(self, ino):
-        return Entry(ino, self._tree_of(ino).stat(ino & LOW_MASK), LONG, LONG)
-
-    def tree_lookup(self, parent_ino, name):
-        """Entry of ``name`` in an image directory, or None (a cacheable negative answer)."""
-        tree = self._tree_of(parent_ino)
-        try:
-            child = tree.lookup(parent_ino & LOW_MASK, name)
-        except NotFound:
-            return None
-        ino = (parent_ino & ~LOW_MASK) | child
-        return Entry(ino, tree.stat(child), LONG, LONG)
-
-    def tree_listdir(self, ino):
-        tree = self._tree_of(ino)
-        base = ino & ~LOW_MASK
-        stat = tree.stat
-        return [(name, Entry(base | child, stat(child), LONG, LONG)) for name, child in tree.readdir(ino & LOW_MASK)]
-
-    def tree_readlink(self, ino):
-        return self._tree_of(ino).readlink(ino & LOW_MASK)
-
-    def tree_xattrs(self, ino):
-        return self._tree_of(ino).xattrs(ino & LOW_MASK)
-
-    def tree_open(self, ino):
-        """The tree that serves reads of file ``ino`` (which must be a regular file)."""
-        tree = self._tree_of(ino)
-        if not tree.stat(ino & LOW_MASK).is_reg:
-            raise InvalidInput("not a regular file")
-        return tree
 
 
 def _id_or_none(name, what="image ID"):

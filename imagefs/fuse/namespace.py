@@ -1,0 +1,241 @@
+"""The mount's namespace: the one owner of inode numbers, image incarnations, their
+trees and the cache behind them.
+
+- Synthetic nodes (nodes.py) get numbers counting up (inodes.py) and keep them for
+  the life of the mount.
+- An image gets an ImageRef (an incarnation, with an index) the first time the mount
+  sees it; its tree is opened once, on first use, and shares the mount's one Cache
+  (imagefs/cache.py) with every other tree.
+- One invalidation rule: what is read from a sealed image is never invalidated,
+  because it never changes. An image deleted (here or by another process, seen
+  missing at a lookup) is forgotten, and one made again under the same ID is a new
+  incarnation with new inode numbers and a new tree; the old one's cached entries
+  age out. What does change (stores, images/, imports) is not kept here: the image
+  store's catalogue answers for it (short-lived, see store.py), and the kernel keeps
+  those names for at most SHORT.
+
+Who may do what (docs/mount.md, "Who may read and change what"): the synthetic
+nodes belong to the mount's owner; the ones that accept changes are writable by
+the owner alone, or also by the mount's ``admin_group``. Files whose bytes bypass
+the modes inside an image (exports, meta/, info.json, .error reports) are 0440
+(nodes.py): owner and group only. The kernel enforces it (``default_permissions``).
+
+Bounded: at most TREES_KEPT trees stay open (each holds a descriptor per layer of its
+chain); one dropped is opened again on its next use. Export names with options (any
+name makes a node) are forgotten when the kernel forgets them, and the kernel is asked
+to drop the oldest beyond OPTION_EXPORTS_KEPT.
+
+Plain synchronous code, safe to call from worker threads.
+"""
+import stat as S
+import threading
+import time
+from collections import OrderedDict
+
+from ..cache import Cache
+from ..errors import ImageFSError, InUse, InvalidInput, NotFound
+from ..ext4 import Stat
+from ..ids import SCRATCH
+from .files import Exports
+from .inodes import MAX_SYNTHETIC, ROOT_INO, is_tree_ino, split_tree_ino
+from .nodes import Entry, ExportFile, ImageRef, Root, TreeNode
+from .prefetch import Prefetcher
+
+CACHE_BUDGET = 64 << 20
+TREES_KEPT = 64
+OPTION_EXPORTS_KEPT = 1024
+
+
+class Namespace:
+    def __init__(self, store, imports, *, scratch_capacity, pid, uid, gid, cache_budget=CACHE_BUDGET,
+                 admin_gid=None, export_limits=None):
+        self.store = store
+        self.imports = imports
+        self.exports = Exports(export_limits)
+        self.prefetcher = Prefetcher()
+        self.cache = Cache(cache_budget)
+        self.scratch_capacity = scratch_capacity
+        self.pid = pid
+        self.force_delete = {}        # store -> incarnation whose next rmdir deletes its images too
+        self._uid, self._gid = uid, (gid if admin_gid is None else admin_gid)
+        self._group_writes = admin_gid is not None
+        self._option_exports = OrderedDict()   # ino -> (export dir ino, name): forgettable, oldest first
+        self._lookups = {}            # ino -> the kernel's lookup count, for forgettable nodes
+        self._time_ns = time.time_ns()
+        self._lock = threading.Lock()
+        self._nodes = {ROOT_INO: Root(None)}
+        self._inos = {(Root, None): ROOT_INO}
+        self._next_ino = ROOT_INO + 1
+        self._refs = {}               # (store, id) -> ImageRef
+        self._ref_of = {}             # idx -> ImageRef, while the image is known
+        self._trees = OrderedDict()   # idx -> ImageTree, least recently opened first
+        self._next_idx = 1
+        self._open = {}               # idx -> open image files
+
+    def close(self):
+        self.exports.close_all()
+        self.prefetcher.close()
+
+    # --- what an inode number stands for ---------------------------------------------
+    def resolve(self, ino):
+        """The node behind ``ino``: a synthetic node, or a TreeNode of an image's file."""
+        if is_tree_ino(ino):
+            idx, ext4_ino = split_tree_ino(ino)
+            tree = self._trees.get(idx)
+            if tree is None:
+                ref = self._ref_of.get(idx)
+                if ref is None:
+                    raise NotFound(f"inode {ino}: its image is gone")
+                tree = self.tree(ref)       # dropped from the open trees: open it again (a few header reads)
+            return TreeNode(tree, idx, ino, ext4_ino)
+        node = self._nodes.get(ino)
+        if node is None:
+            raise NotFound(f"inode {ino} is gone")
+        return node
+
+    def node(self, cls, key):
+        """The node ``cls(key)``, registered under a stable inode number."""
+        with self._lock:
+            ino = self._inos.get((cls, key))
+            if ino is None:
+                ino = self._next_ino
+                if ino > MAX_SYNTHETIC:
+                    raise InvalidInput("out of synthetic inode numbers")
+                self._next_ino += 1
+                self._inos[(cls, key)] = ino
+                self._nodes[ino] = cls(key)
+            return self._nodes[ino]
+
+    def ino_of(self, node):
+        return self._inos[(type(node), node.key)]
+
+    # --- image incarnations and their trees ----------------------------------------------
+    def image_ref(self, img):
+        """The mount's handle on a sealed image (``store.Image``), made on first sight."""
+        with self._lock:
+            ref = self._refs.get((img.store, img.id))
+            if ref is None:
+                ref = ImageRef(self._next_idx, img.store, img.id, img.parent, tuple(sorted(img.metadata_keys)))
+                self._next_idx += 1
+                self._refs[(img.store, img.id)] = ref
+                self._ref_of[ref.idx] = ref
+            return ref
+
+    def tree(self, ref):
+        """The image's tree, opened on first use (reads VMDK headers: call from a worker thread)."""
+        tree = self._trees.get(ref.idx)
+        if tree is None:
+            tree = self.store.tree(ref.store, ref.id, cache=self.cache)
+            with self._lock:
+                tree = self._trees.setdefault(ref.idx, tree)
+                while len(self._trees) > TREES_KEPT:     # its open handles keep it alive until closed
+                    self._trees.popitem(last=False)
+        return tree
+
+    def forget_image(self, ref):
+        """After a delete: later lookups see a new incarnation, old inodes go stale."""
+        with self._lock:
+            self._refs.pop((ref.store, ref.id), None)
+            self._ref_of.pop(ref.idx, None)
+            self._trees.pop(ref.idx, None)
+
+    def forget_missing(self, store, image_id):
+        """An image deleted behind the mount's back (e.g. by the CLI) is forgotten once seen missing."""
+        ref = self._refs.get((store, image_id))
+        if ref is not None:
+            self.forget_image(ref)
+
+    def forget_store(self, store):
+        with self._lock:
+            refs = [r for (s, _), r in self._refs.items() if s == store]
+        for ref in refs:
+            self.forget_image(ref)
+
+    # --- export names with options: any name makes a node, so they must go again ------
+    def note_lookup(self, parent_ino, name, ino):
+        """Count the kernel's reference to an export node named with options; returns
+        (dir ino, name) entries the kernel should drop so that their nodes can go."""
+        node = self._nodes.get(ino)
+        if not isinstance(node, ExportFile) or not node.has_options:
+            return []
+        with self._lock:
+            self._lookups[ino] = self._lookups.get(ino, 0) + 1
+            self._option_exports[ino] = (parent_ino, name)
+            self._option_exports.move_to_end(ino)
+            excess = len(self._option_exports) - OPTION_EXPORTS_KEPT
+            return [self._option_exports.popitem(last=False)[1] for _ in range(max(0, excess))]
+
+    def forget(self, ino, nlookup):
+        """The kernel dropped ``nlookup`` references to ``ino``: a counted node with none left goes."""
+        with self._lock:
+            left = self._lookups.get(ino)
+            if left is None:
+                return
+            left -= nlookup
+            if left > 0:
+                self._lookups[ino] = left
+                return
+            del self._lookups[ino]
+            self._option_exports.pop(ino, None)
+            node = self._nodes.pop(ino, None)
+            if node is not None:
+                self._inos.pop((type(node), node.key), None)
+
+    # --- stores: force-delete belongs to one incarnation; busy while anything of it is used
+    def store_incarnation(self, store):
+        """What tells this store from a later one of the same name: its scratch disk's CID."""
+        chain = self.store.open_chain(self.store.get_image(store, SCRATCH).disk)
+        try:
+            return chain.layers[0].cid
+        finally:
+            chain.close()
+
+    def force_delete_armed(self, store):
+        armed = self.force_delete.get(store)
+        if armed is None:
+            return False
+        try:
+            if armed == self.store_incarnation(store):
+                return True
+        except ImageFSError:
+            pass
+        self.force_delete.pop(store, None)    # deleted (and maybe made again) behind the mount's back
+        return False
+
+    def check_store_unused(self, store):
+        """InUse while a file of the store is open in the mount or an import into it is pending."""
+        with self._lock:
+            refs = [r for (s, _), r in self._refs.items() if s == store]
+        for ref in refs:
+            if self.open_files(ref.idx):
+                raise InUse(f"image store {store} has files open in the mount (image {ref.id})")
+            if self.imports.sessions(ref.idx):
+                raise InUse(f"image store {store} has imports pending or running (on image {ref.id})")
+
+    # --- open files of image trees (rmdir of an image is refused while any is open) ----
+    def hold(self, idx):
+        with self._lock:
+            self._open[idx] = self._open.get(idx, 0) + 1
+
+    def release(self, idx):
+        with self._lock:
+            self._open[idx] -= 1
+
+    def open_files(self, idx):
+        return self._open.get(idx, 0)
+
+    # --- attributes of synthetic nodes ---------------------------------------------------
+    def entry(self, child, names_ttl):
+        """The Entry of a child (Node or tree inode) found in a directory with ``names_ttl``."""
+        if isinstance(child, int):
+            return self.resolve(child).getattr(self)     # a tree root: attributes of a sealed image
+        return Entry(self.ino_of(child), self.stat(child), names_ttl, child.attr_ttl)
+
+    def stat(self, node):
+        mode = node.mode
+        if self._group_writes and node.writable:
+            mode |= 0o020
+        size = node.size(self)
+        return Stat(ino=0, mode=mode, nlink=2 if S.S_ISDIR(mode) else 1, uid=self._uid, gid=self._gid, rdev=0,
+                    size=size, blocks=(size + 511) // 512, atime_ns=self._time_ns, mtime_ns=self._time_ns,
+                    ctime_ns=self._time_ns)
