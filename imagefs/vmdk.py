@@ -252,6 +252,8 @@ def _open_or_corrupt(opener, path):
         return opener(path)
     except FileNotFoundError:
         raise CorruptDisk(f"{path}: disk file is missing (broken chain)") from None
+    except OSError as e:        # a parent hint naming no openable file (too long, a directory...)
+        raise CorruptDisk(f"{path[:200]}: cannot open the disk ({e.strerror})") from None
 
 
 class ChainFile:
