@@ -364,8 +364,10 @@ class Soak:
         with open(f"/proc/{pid}/status") as f:
             rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
         threads = len(os.listdir(f"/proc/{pid}/task"))
+        with self.lock:
+            images = sum(img.state != "deleted" for img in self.images.values())
         self.samples.append({"t": round(time.monotonic() - self.started, 1), "fds": fds, "rss_kb": rss,
-                             "threads": threads})
+                             "threads": threads, "images": images})
 
     def run(self):
         for d in (self.mnt, self.tars):
@@ -430,7 +432,8 @@ class Soak:
                 "ops": self.stats.ops, "failures": self.stats.failures, "images_verified": verified,
                 "fds": [first["fds"], last["fds"]], "rss_mb": [round(first["rss_kb"] / 1024, 1),
                                                                round(last["rss_kb"] / 1024, 1)],
-                "threads": [first["threads"], last["threads"]], "samples": self.samples}
+                "threads": [first["threads"], last["threads"]], "images": [first["images"], last["images"]],
+                "samples": self.samples}
 
 
 def main(argv=None):

@@ -28,9 +28,9 @@ def test_sixty_seconds_of_everything_at_once(tmp_path):
     assert outcomes <= {"ok", "EBUSY", "EEXIST", "ENOTEMPTY", "ENOENT (deleted meanwhile)",
                         "ENOENT (not made yet)"}, outcomes
     assert summary["images_verified"] > 20
-    # flat: after the warm-up, open descriptors stay under what the open-tree caches can hold,
-    # and memory grows by less than a few MiB per 10 s
-    fds, rss = summary["fds"], summary["rss_mb"]
-    assert fds[1] <= fds[0] + 256, summary["samples"]
+    # after the warm-up: threads flat, memory within a few MiB per 10 s, and descriptors grow
+    # only with the images (each open tree holds one per layer of its chain; docs/reliability.md)
+    fds, rss, images = summary["fds"], summary["rss_mb"], summary["images"]
     assert rss[1] - rss[0] < 32, summary["samples"]
     assert summary["threads"][1] <= summary["threads"][0] + 4
+    assert fds[1] - fds[0] <= 8 * max(1, images[1] - images[0]) + 64, summary["samples"]

@@ -20,10 +20,8 @@ the owner alone, or also by the mount's ``admin_group``. Files whose bytes bypas
 the modes inside an image (exports, meta/, info.json, .error reports) are 0440
 (nodes.py): owner and group only. The kernel enforces it (``default_permissions``).
 
-Bounded: at most TREES_KEPT trees stay open (each holds a descriptor per layer of its
-chain); one dropped is opened again on its next use. Export names with options (any
-name makes a node) are forgotten when the kernel forgets them, and the kernel is asked
-to drop the oldest beyond OPTION_EXPORTS_KEPT.
+Export names with options (any name makes a node) are forgotten when the kernel
+forgets them, and the kernel is asked to drop the oldest beyond OPTION_EXPORTS_KEPT.
 
 Plain synchronous code, safe to call from worker threads.
 """
@@ -42,7 +40,6 @@ from .nodes import Entry, ExportFile, ImageRef, Root, TreeNode
 from .prefetch import Prefetcher
 
 CACHE_BUDGET = 64 << 20
-TREES_KEPT = 64
 OPTION_EXPORTS_KEPT = 1024
 
 
@@ -67,8 +64,7 @@ class Namespace:
         self._inos = {(Root, None): ROOT_INO}
         self._next_ino = ROOT_INO + 1
         self._refs = {}               # (store, id) -> ImageRef
-        self._ref_of = {}             # idx -> ImageRef, while the image is known
-        self._trees = OrderedDict()   # idx -> ImageTree, least recently opened first
+        self._trees = {}              # idx -> ImageTree
         self._next_idx = 1
         self._open = {}               # idx -> open image files
 
@@ -83,10 +79,7 @@ class Namespace:
             idx, ext4_ino = split_tree_ino(ino)
             tree = self._trees.get(idx)
             if tree is None:
-                ref = self._ref_of.get(idx)
-                if ref is None:
-                    raise NotFound(f"inode {ino}: its image is gone")
-                tree = self.tree(ref)       # dropped from the open trees: open it again (a few header reads)
+                raise NotFound(f"inode {ino}: its image is gone")
             return TreeNode(tree, idx, ino, ext4_ino)
         node = self._nodes.get(ino)
         if node is None:
@@ -118,7 +111,6 @@ class Namespace:
                 ref = ImageRef(self._next_idx, img.store, img.id, img.parent, tuple(sorted(img.metadata_keys)))
                 self._next_idx += 1
                 self._refs[(img.store, img.id)] = ref
-                self._ref_of[ref.idx] = ref
             return ref
 
     def tree(self, ref):
@@ -128,15 +120,12 @@ class Namespace:
             tree = self.store.tree(ref.store, ref.id, cache=self.cache)
             with self._lock:
                 tree = self._trees.setdefault(ref.idx, tree)
-                while len(self._trees) > TREES_KEPT:     # its open handles keep it alive until closed
-                    self._trees.popitem(last=False)
         return tree
 
     def forget_image(self, ref):
         """After a delete: later lookups see a new incarnation, old inodes go stale."""
         with self._lock:
             self._refs.pop((ref.store, ref.id), None)
-            self._ref_of.pop(ref.idx, None)
             self._trees.pop(ref.idx, None)
 
     def forget_missing(self, store, image_id):
