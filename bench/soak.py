@@ -42,6 +42,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from imagefs.datastore import open_datastore  # noqa: E402
+from imagefs.errors import ImageFSError  # noqa: E402
 from imagefs.store import ImageStore  # noqa: E402
 
 STORE = "soak"
@@ -419,11 +420,14 @@ class Soak:
                                        f"{sorted(alive - on_disk)} missing")
         verified = 0
         for image_id in sorted(on_disk & alive):
-            tree = st.tree(STORE, image_id)
-            for name, data in self.expected_files(image_id).items():
-                ino = tree.resolve(name)
-                if tree.read(ino, 0, len(data) + 1) != data:
-                    self.stats.failures.append(f"verify {image_id}/{name}: wrong content")
+            try:
+                tree = st.tree(STORE, image_id)
+                for name, data in self.expected_files(image_id).items():
+                    if tree.read(tree.resolve(name), 0, len(data) + 1) != data:
+                        self.stats.failures.append(f"verify {image_id}/{name}: wrong content")
+            except ImageFSError as e:
+                self.stats.failures.append(f"verify {image_id}: {e}")
+                continue
             if image_id != "scratch" and st.get_image(STORE, image_id).parent != self.images[image_id].parent:
                 self.stats.failures.append(f"verify {image_id}: wrong parent")
             verified += 1

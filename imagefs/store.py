@@ -328,16 +328,20 @@ class ImageStore:
         img = self.get_image(store, image_id)
         if image_id == SCRATCH:
             raise InUse(f"scratch is the base of store {store} and cannot be deleted (delete the store)")
-        kids = self.children(store, image_id)
-        if kids:
-            raise InUse(f"image {image_id} is in use by child images: {', '.join(sorted(kids))}")
-        owners = self.owners(store, image_id)
-        if owners:
-            raise InUse(f"image {image_id} is in use by containers: {', '.join(owners)}")
         d = _image_dir(store, image_id)
+        # Under the lock a child write waits for (or makes this fail), the children are looked
+        # up afresh: a child sealed a moment ago (maybe by another process) must be seen.
         with self.ds.lock(_children_lock(store, image_id), exclusive=True, blocking=False) as got:
             if not got:
                 raise InUse(f"image {image_id} has a child image being written")
+            self._changed(store)
+            self._changed()
+            kids = self.children(store, image_id)
+            if kids:
+                raise InUse(f"image {image_id} is in use by child images: {', '.join(sorted(kids))}")
+            owners = self.owners(store, image_id)
+            if owners:
+                raise InUse(f"image {image_id} is in use by containers: {', '.join(owners)}")
             self.ds.remove(f"{d}/manifest")      # first: from here on the image does not exist
             self.ds.remove(img.disk)
             self.ds.rmtree(d)

@@ -34,3 +34,38 @@ def test_sixty_seconds_of_everything_at_once(tmp_path):
     assert rss[1] - rss[0] < 32, summary["samples"]
     assert summary["threads"][1] <= summary["threads"][0] + 4
     assert fds[1] - fds[0] <= 8 * max(1, images[1] - images[0]) + 64, summary["samples"]
+
+
+def test_an_image_with_a_child_made_a_moment_ago_elsewhere_is_not_deleted(tmp_path):
+    """Found by the 10-minute soak: the mount's catalogue (kept for a second) did not yet know a
+    child the CLI had just sealed, so rmdir deleted its parent and left the child's chain broken."""
+    import errno
+    import io
+    import tarfile
+    from fuse_fixtures import mounted
+
+    def layer(name):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            ti = tarfile.TarInfo(name)
+            tf.addfile(ti, io.BytesIO(b""))
+        path = tmp_path / f"{name}.tar"
+        path.write_bytes(buf.getvalue())
+        return str(path)
+
+    ds = str(tmp_path / "ds")
+    cli = [sys.executable, "-m", "imagefs", "--datastore", ds]
+    subprocess.run(cli + ["store", "create", "s", "--capacity", "64MiB"], check=True, capture_output=True)
+    subprocess.run(cli + ["image", "write", "s", "scratch", "parent", layer("p")], check=True, capture_output=True)
+    with mounted(ds, tmp_path / "mnt") as m:
+        images = os.path.join(m, "s", "images")
+        assert sorted(os.listdir(images)) == ["parent", "scratch"]        # the mount's catalogue is built
+        subprocess.run(cli + ["image", "write", "s", "parent", "child", layer("c")], check=True, capture_output=True)
+        try:
+            os.rmdir(os.path.join(images, "parent"))
+        except OSError as e:
+            assert e.errno == errno.EBUSY
+        else:
+            raise AssertionError("the parent of a sealed child was deleted")
+        with open(os.path.join(images, "child", "rootfs", "c"), "rb") as f:
+            assert f.read() == b""
