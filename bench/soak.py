@@ -190,6 +190,7 @@ class Soak:
             return True
         text = proc.stderr.strip()
         for needle, name in (("already exists", "EEXIST"), ("in use", "EBUSY"), ("in progress", "EBUSY"),
+                             ("being written", "EBUSY"),
                              ("still holds", "ENOTEMPTY"), ("has files open", "EBUSY")):
             if needle in text:
                 self.stats.count(kind, name)

@@ -210,7 +210,10 @@ class ImageStore:
             disk = _disk_path(store, image_id)
             parent = None
             if image_id != SCRATCH:
-                parent_disk = self._parent_disk(disk, disk_info)
+                try:
+                    parent_disk = self._parent_disk(disk, disk_info)
+                except (NotFound, FileNotFoundError):
+                    continue    # deleted (by another process) since the walk: not an image any more
                 parent = None if parent_disk is None else posixpath.basename(parent_disk)[: -len(".vmdk")]
             keys = tuple(sorted(k.partition("/")[2] for k in held if k.startswith("imageMetadata/")))
             images[image_id] = Image(image_id, store, parent, disk, keys)
@@ -330,8 +333,11 @@ class ImageStore:
             raise InUse(f"scratch is the base of store {store} and cannot be deleted (delete the store)")
         d = _image_dir(store, image_id)
         # Under the lock a child write waits for (or makes this fail), the children are looked
-        # up afresh: a child sealed a moment ago (maybe by another process) must be seen.
-        with self.ds.lock(_children_lock(store, image_id), exclusive=True, blocking=False) as got:
+        # up afresh: a child sealed a moment ago (maybe by another process) must be seen. The
+        # store's lock, shared as writers hold it, keeps another process's clean-up from
+        # taking the half-deleted directory for a crashed write.
+        with self.ds.lock(f"{_store_dir(store)}/.lock", exclusive=False), \
+                self.ds.lock(_children_lock(store, image_id), exclusive=True, blocking=False) as got:
             if not got:
                 raise InUse(f"image {image_id} has a child image being written")
             self._changed(store)
