@@ -8,7 +8,7 @@ client) and CLI processes (the second process on the datastore) run:
 
   import    a tar into images/<parent>/import/<id> (mount) or ``image write`` (CLI);
             some reuse a taken ID on purpose (EEXIST); up to --imports at once
-  export    read images/<id>/export/scratch.tar and check every file it should hold
+  export    read images/<id>/rootfs.tar (the whole image) and check every file it should hold
   read      walk images/<id>/rootfs and check every file against the tars
   delete    rmdir images/<id> (mount) or ``image rm`` (CLI), also of images being read
             (a file held open: must be EBUSY) or imported into (a pending import: EBUSY)
@@ -255,7 +255,7 @@ class Soak:
             return
         want = self.expected_files(image_id)
         try:
-            with open(os.path.join(self.mnt, STORE, "images", image_id, "export", "scratch.tar"), "rb") as f:
+            with open(os.path.join(self.mnt, STORE, "images", image_id, "rootfs.tar"), "rb") as f:
                 data = f.read()
         except OSError as e:
             self.outcome("export", e, image_id)

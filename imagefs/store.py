@@ -108,7 +108,10 @@ class ImageStore:
     def create_store(self, name, capacity=scratch_disk.DEFAULT_CAPACITY):
         """Create store ``name`` with its scratch image; Exists if it is there already."""
         check_id(name, "store name")
-        self.ds.mkdir(_store_dir(name))  # atomic: raises Exists for a taken name
+        try:
+            self.ds.mkdir(_store_dir(name))  # atomic: raises Exists for a taken name
+        except Exists:
+            raise Exists(f"image store {name} already exists") from None
         try:
             # held while scratch is made: a delete or clean-up by another process waits it out (EBUSY)
             with self.ds.lock(f"{_store_dir(name)}/.lock", exclusive=True):
@@ -348,6 +351,10 @@ class ImageStore:
             owners = self.owners(store, image_id)
             if owners:
                 raise InUse(f"image {image_id} is in use by containers: {', '.join(owners)}")
+            from .oci.refs import RefStore
+            refs = RefStore(self, store).refs_of(image_id)
+            if refs:
+                raise InUse(f"image {image_id} is tagged {', '.join(refs)}; untag it first")
             self.ds.remove(f"{d}/manifest")      # first: from here on the image does not exist
             self.ds.remove(img.disk)
             self.ds.rmtree(d)
@@ -496,7 +503,7 @@ class ImageStore:
                       if self.ds.exists(f"{_image_dir(s, target)}/manifest")]
             if sealed:
                 raise ReadOnly(f"image {target} in store {sealed[0]} is sealed and cannot change; "
-                               "import into a container joined to it instead") from None
+                               "copy into a container joined to it instead") from None
             raise
         backup = f"{c.disk}.import-backup"
         self.ds.copy_file(c.disk, backup)

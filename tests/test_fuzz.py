@@ -161,7 +161,7 @@ def test_a_corrupt_file_is_eio_and_one_log_line_while_the_rest_is_served(seed_di
             assert f.read() == b"n" * 70000
         assert os.readlink(os.path.join(root, "fast-link")) == "../data/medium"
         with pytest.raises(OSError) as e:
-            with open(os.path.join(m, STORE, "images", BASE, "export", "scratch.tar"), "rb") as f:
+            with open(os.path.join(m, STORE, "images", BASE, "rootfs.tar"), "rb") as f:
                 f.read()
         assert e.value.errno == errno.EIO
         assert len(os.listdir(os.path.join(root, "many"))) == 300

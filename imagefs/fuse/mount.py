@@ -20,10 +20,10 @@ import pyfuse3
 import trio
 
 from ..datastore import open_datastore
-from ..errors import ImageFSError, InvalidInput
+from ..errors import Exists, ImageFSError, InvalidInput, NotFound
 from ..store import ImageStore
 from .exports import ExportLimits
-from .imports import ImportRegistry
+from .imports import ImportHandle, ImportRegistry
 from .namespace import Namespace
 from .nodes import SHORT
 from .ops import Operations
@@ -45,6 +45,16 @@ def mount(datastore: str, mountpoint: str, *, foreground=False, options=()) -> i
         mountpoint = _check_mountpoint(mountpoint)
         if opts.workdir and _is_inside(os.path.abspath(opts.workdir), mountpoint):
             raise InvalidInput("workdir must not be inside the mountpoint")
+        if "://" not in datastore:
+            if not os.path.isdir(datastore):
+                raise NotFound(f"datastore {datastore} does not exist")
+            datastore = os.path.abspath(datastore)
+        for m in active_mounts():
+            if m["mountpoint"] == mountpoint:
+                raise Exists(f"{mountpoint} is already an imagefs mount of {m['datastore']} "
+                             f"({'daemon ' + str(m['pid']) if m['pid'] else 'stale: imagefs umount clears it'})")
+        # the mount's source is the datastore, so mount(8) matches fstab lines (mount -a twice mounts once)
+        opts.fuse = {o for o in opts.fuse if not o.startswith("fsname=")} | {"fsname=" + datastore.replace(",", "\\,")}
     except ImageFSError as e:
         print(f"imagefs: {e}", file=sys.stderr)
         return 1
@@ -131,10 +141,18 @@ async def _serve_requests(cancel_scope):
     cancel_scope.cancel()
 
 
+CANCEL_GRACE = 3.0     # seconds writers of canceled imports get to hear ECANCELED before the unmount
+
+
 async def _stop_on_signal(signals, ops):
     async for signum in signals:
         log.info("%s: unmounting", signal.Signals(signum).name)
         await ops.shutdown()
+        # Keep answering for a moment: a writer's next write (or close) then fails with
+        # ECANCELED, as documented, instead of ECONNABORTED from a connection already gone.
+        with trio.move_on_after(CANCEL_GRACE):
+            while any(isinstance(h, ImportHandle) for h in ops.handles.values()):
+                await trio.sleep(0.05)
         pyfuse3.terminate()
         return
 
@@ -249,6 +267,22 @@ def _mounted_fstype(mp):
             if _unescape(fields[4]) == mp:
                 found = fields[sep + 1]
     return found
+
+
+def active_mounts():
+    """Every imagefs mount this process can see: mountpoint, datastore, daemon pid, live or stale."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[sep + 1] != "fuse.imagefs":
+                continue
+            mp = _unescape(fields[4])
+            pid = _daemon_pid(mp)
+            out.append({"mountpoint": mp, "datastore": _unescape(fields[sep + 2]), "pid": pid,
+                        "state": "live" if pid else "stale", "options": fields[5]})
+    return out
 
 
 def _unescape(field):

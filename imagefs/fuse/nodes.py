@@ -5,10 +5,12 @@
     /                                        Root: one directory per image store
     <store>/                                 Store
     <store>/images/                          ImagesDir: one directory per sealed image
+    <store>/refs/<name>:<tag>                RefsDir, RefLink -> ../images/<id> (read-only)
     <store>/images/<id>/                     ImageDir
         rootfs/...                           TreeNode: the image's tree (made per request)
         import/<new-id>, <new-id>.error      ImportDir, ImportFile, ImportErrorFile
-        export/<ancestor>[,opts].tar         ExportDir, ExportFile
+        export/<ancestor>[,opts].tar         ExportDir, ExportFile: the diff against an ancestor
+        rootfs[,opts].tar                    WholeImageFile: the whole image as a tar
         meta/<key>                           MetaDir, MetaFile
         parent -> ../<parent-id>             ParentLink (not for scratch)
         info.json                            InfoFile
@@ -27,13 +29,13 @@ from typing import NamedTuple
 
 from ..errors import Exists, InUse, InvalidInput, NotFound, ReadOnly
 from ..ext4 import Stat
-from ..ids import SCRATCH, check_id
+from ..ids import check_id
 from ..tree import ROOT_INO as EXT4_ROOT_INO
 from .errors import IsADirectory, NotEmpty, NotSupported, PermissionDenied
-from .files import BytesFile, ExportFileHandle, TreeFile
+from .files import BytesFile, TreeFile
 from .imports import ImportHandle
 from .inodes import tree_ino
-from .names import ExportName, export_file_name, parse_export_name
+from .names import WHOLE_IMAGE, ExportName, export_file_name, parse_export_name, parse_whole_image_name
 
 LONG = 300.0      # sealed images never change
 SHORT = 1.0       # stores, images and imports come and go (also from outside this mount)
@@ -251,7 +253,7 @@ class Store(Node):
         self.store = key
 
     def list(self, ns):
-        return [(b"images", ns.node(ImagesDir, self.store))]
+        return [(b"images", ns.node(ImagesDir, self.store)), (b"refs", ns.node(RefsDir, (self.store, "")))]
 
     def xattrs(self, ns):
         out = {b"user.imagefs.usage": str(ns.store.usage(self.store)).encode(),
@@ -323,8 +325,10 @@ class ImageNode(Node):
 
 class ImageDir(ImageNode):
     mode = S.S_IFDIR | 0o755
-    _NODES = {b"import": lambda ref: ImportDir, b"export": lambda ref: ExportDir, b"meta": lambda ref: MetaDir,
-              b"info.json": lambda ref: InfoFile, b"parent": lambda ref: ParentLink if ref.parent else None}
+    _NODES = {b"import": lambda ref: ImportDir, b"export": lambda ref: ExportDir,
+              export_file_name(WHOLE_IMAGE).encode(): lambda ref: WholeImageFile,
+              b"meta": lambda ref: MetaDir, b"info.json": lambda ref: InfoFile,
+              b"parent": lambda ref: ParentLink if ref.parent else None}
 
     def list(self, ns):
         return [(b"rootfs", self.find(ns, b"rootfs"))] + [
@@ -334,7 +338,12 @@ class ImageDir(ImageNode):
         if name == b"rootfs":
             ns.tree(self.ref)  # open the chain only now (in the caller's worker thread)
             return tree_ino(self.ref.idx, EXT4_ROOT_INO)
+        if name.startswith(WHOLE_IMAGE.encode() + b","):
+            text = name.decode("utf-8", "surrogateescape")
+            return ns.node(WholeImageFile, (self.ref, text)) if parse_whole_image_name(text) else None
         cls = self._NODES.get(name, lambda ref: None)(self.ref)
+        if cls is WholeImageFile:
+            return ns.node(cls, (self.ref, name.decode()))
         return None if cls is None else ns.node(cls, self.ref)
 
     def xattrs(self, ns):
@@ -343,6 +352,41 @@ class ImageDir(ImageNode):
             b"user.imagefs.usage": str(ns.store.layer_usage(self.ref.store, self.ref.id)).encode(),
             b"user.imagefs.children": ",".join(ns.store.children(self.ref.store, self.ref.id)).encode(),
             b"user.imagefs.owners": ",".join(ns.store.owners(self.ref.store, self.ref.id)).encode()}
+
+
+class RefsDir(Node):
+    """``<store>/refs/[<registry/path>/]<name>:<tag>`` -> the image directory (read-only).
+
+    A reference's '/'-separated name becomes directories; its last part is a symlink."""
+    mode = S.S_IFDIR | 0o555
+    attr_ttl = SHORT
+    names_ttl = SHORT
+
+    def list(self, ns):
+        from ..oci.refs import RefStore
+        store, prefix = self.key
+        out = {}
+        for ref in RefStore(ns.store, store).list():
+            if not ref.name.startswith(prefix):
+                continue
+            head, slash, _ = ref.name[len(prefix):].partition("/")
+            if slash:
+                out[head] = ns.node(RefsDir, (store, f"{prefix}{head}/"))
+            else:
+                out[head] = ns.node(RefLink, (store, ref.name, ref.image))
+        return sorted((name.encode(), node) for name, node in out.items())
+
+
+class RefLink(Node):
+    mode = S.S_IFLNK | 0o777
+    attr_ttl = SHORT
+
+    def readlink(self, ns):
+        store, name, image = self.key
+        return b"../" * (name.count("/") + 1) + b"images/" + image.encode()
+
+    def size(self, ns):
+        return len(self.readlink(ns))
 
 
 class ParentLink(ImageNode):
@@ -379,17 +423,17 @@ class MetaFile(ImageNode, ContentFile):
 
 
 class ExportDir(ImageNode):
-    """The ancestors of an image, each as ``<ancestor>.tar``; lookup also takes option-bearing names."""
+    """The ancestors of an image, each as ``<ancestor>.tar`` (scratch has none); lookup also
+    takes option-bearing names."""
 
     def list(self, ns):
-        ancestors = ns.store.ancestors(self.ref.store, self.ref.id) or [SCRATCH]
         return [(export_file_name(a).encode(), ns.node(ExportFile, (self.ref, export_file_name(a))))
-                for a in ancestors]
+                for a in ns.store.ancestors(self.ref.store, self.ref.id)]
 
     def find(self, ns, name):
         text = name.decode("utf-8", "surrogateescape")
         wanted = parse_export_name(text)
-        if wanted is None or wanted.ancestor not in {SCRATCH, *ns.store.ancestors(self.ref.store, self.ref.id)}:
+        if wanted is None or wanted.ancestor not in ns.store.ancestors(self.ref.store, self.ref.id):
             return None
         return ns.node(ExportFile, (self.ref, text))
 
@@ -416,8 +460,8 @@ class ExportFile(ImageNode):
             raise ReadOnly("read-only")
         wanted, ref = self.export, self.ref
         new = ns.tree(ref)
-        old_ref = None if wanted.ancestor == SCRATCH else \
-            ns.image_ref(ns.store.get_image(ref.store, wanted.ancestor))   # scratch.tar: the whole image
+        old_ref = None if wanted.ancestor is None else \
+            ns.image_ref(ns.store.get_image(ref.store, wanted.ancestor))   # rootfs.tar: the whole image
         old = None if old_ref is None else ns.tree(old_ref)
         held = [r.idx for r in (ref, old_ref) if r is not None]          # rmdir of either is busy meanwhile
         handle = ns.exports.open(lambda: export_diff(new, old, spec=wanted.spec, data=wanted.data),
@@ -426,6 +470,14 @@ class ExportFile(ImageNode):
         for idx in held:
             ns.hold(idx)
         return handle
+
+
+class WholeImageFile(ExportFile):
+    """``rootfs[,opts].tar``: the whole image, a diff against nothing."""
+
+    @property
+    def export(self) -> ExportName:
+        return parse_whole_image_name(self.key[1])
 
 
 class ImportDir(ImageNode):

@@ -29,6 +29,19 @@ DEFAULT_MAX_EXPORTS = 32
 DEFAULT_MAX_EXPORTS_PER_USER = 8
 
 
+WRITERS = ("kernel", "fuse2fs")
+
+
+def _writable_log(path):
+    """Checked up front, so a bad log= is one line at mount time, not a failing daemon."""
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise InvalidInput(f"log={path}: {e.strerror}") from None
+    return os.path.abspath(path)
+
+
 @dataclass
 class MountOptions:
     fuse: set = field(default_factory=set)   # for pyfuse3.init
@@ -66,12 +79,14 @@ def parse_options(options):
         elif item == "debug":
             out.debug = True
         elif eq and key == "log":
-            out.log_file = _absolute(key, value)
+            out.log_file = _writable_log(value)
         elif eq and key == "workdir":
+            if not os.path.isdir(value):
+                raise InvalidInput(f"workdir={value}: no such directory")
             out.workdir = _absolute(key, value)
         elif eq and key == "writer":
-            if value not in ("auto", "kernel", "fuse2fs"):
-                raise InvalidInput(f"writer={value!r}: use kernel or fuse2fs")
+            if value not in WRITERS:
+                raise InvalidInput(f"writer={value}: use one of {', '.join(WRITERS)}")
             out.writer = value
         elif eq and key == "scratch_size":
             out.scratch_capacity = parse_size(value)

@@ -153,18 +153,19 @@ class _Applier:
             return                              # nothing below to hide
         try:
             real = join(self.root.real(pfd), victim)
-            if real in self.unpacked:
-                return                          # whiteouts only hide lower layers
             st = _lstat(pfd, victim)
             if st is None:
                 return
-            if real in self.ancestors and stat.S_ISDIR(st.st_mode):   # keep what this layer put below it
+            mine = real in self.unpacked or real in self.ancestors
+            if mine and stat.S_ISDIR(st.st_mode):
+                # this layer's directory (its own entry, or a parent of its entries) may sit merged
+                # on the lower one: the whiteout hides the lower part only, this layer's stays
                 dfd = os.open(victim, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
                 try:
                     self._clear(dfd, real)
                 finally:
                     os.close(dfd)
-            else:
+            elif not mine:                      # whiteouts only hide lower layers
                 self._remove(pfd, victim, real, st)
         finally:
             os.close(pfd)
