@@ -230,6 +230,7 @@ class Root(Node):
     def rmdir(self, ns, name):
         store = name.decode("utf-8", "surrogateescape")
         force = ns.force_delete_armed(store)
+        ns.store._changed(store)      # an image made a moment ago elsewhere must be seen
         if not force and ns.store.list_images(store, include_scratch=False):
             raise NotEmpty(f"image store {store} still holds images; delete them first, or set "
                            f"{FORCE_DELETE.decode()} on it to delete them with it")
