@@ -1,5 +1,9 @@
 """The embedded default backend: a directory on this host.
 
+Host files are the datastore's own files (no staging), the lock is flock(2) on a lock
+file (it holds for every process of this host; a directory shared with other hosts
+over a network filesystem needs that filesystem's flock), and ``walk`` is one scandir pass.
+
 Everything that changes the datastore (make, write, replace, remove, lock) refuses
 a path with a symbolic link anywhere below the root: a datastore where someone
 replaced ``images/<id>`` or ``.lock`` by a link must not make imagefs delete or
@@ -7,6 +11,7 @@ create files elsewhere. Paths never leave the root ('..' cannot climb out).
 """
 import errno
 import fcntl
+import fnmatch
 import os
 import shutil
 import stat
@@ -34,6 +39,8 @@ class LocalReadHandle(ReadHandle):
 
 
 class LocalDatastore(Datastore):
+    name = "local"
+
     def __init__(self, root):
         self.root = os.path.abspath(root)
         self.url = self.root
@@ -41,6 +48,11 @@ class LocalDatastore(Datastore):
             os.makedirs(self.root, exist_ok=True)
         except OSError as e:
             raise ImageFSError(f"{self.root}: cannot use as a datastore: {e.strerror}") from None
+
+    @classmethod
+    def open(cls, spec, options):
+        """From a path or file:// URL; the remote backends' options mean nothing here."""
+        return cls(spec[len("file://"):] if spec.startswith("file://") else spec)
 
     def local_path(self, path):
         rel = os.path.normpath(path.lstrip("/"))
@@ -64,6 +76,62 @@ class LocalDatastore(Datastore):
                 break
         return p
 
+    @contextmanager
+    def host_files(self, paths):
+        hosts = [self.local_path(p) for p in paths]
+        for path, host in zip(paths, hosts):
+            if not os.path.isfile(host):
+                raise NotFound(f"{path}: no such file")
+        yield hosts
+
+    @contextmanager
+    def new_host_dir(self, path):
+        host = self.local_path(path)
+        if not os.path.isdir(host):
+            raise NotFound(f"{path}: no such directory")
+        yield host
+
+    @contextmanager
+    def edit_host_file(self, path):
+        """In place, with a copy beside it to put back on failure."""
+        host = self.local_path(path)
+        backup = f"{host}.edit-backup"
+        try:
+            shutil.copyfile(host, backup)
+        except FileNotFoundError:
+            raise NotFound(f"{path}: no such file") from None
+        try:
+            yield host
+        except BaseException:
+            os.replace(backup, host)
+            raise
+        os.unlink(backup)
+
+    def walk(self, path, pattern="*"):
+        top = self.local_path(path)
+        if not os.path.isdir(top):
+            raise NotFound(f"{path}: no such directory")
+        out, todo = {}, [""]
+        while todo:
+            rel = todo.pop()
+            try:
+                entries = list(os.scandir(os.path.join(top, rel)))
+            except FileNotFoundError:
+                continue        # removed while walked
+            for e in entries:
+                name = os.path.join(rel, e.name) if rel else e.name
+                try:
+                    is_dir = e.is_dir(follow_symlinks=False)
+                    if is_dir:
+                        todo.append(name)
+                    if pattern != "*" and not fnmatch.fnmatchcase(e.name, pattern):
+                        continue
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                out[name] = FileInfo(0 if is_dir else st.st_size, st.st_mtime_ns, is_dir)
+        return out
+
     def mkdir(self, path, parents=False):
         p = self._unlinked_path(path)
         try:
@@ -81,29 +149,6 @@ class LocalDatastore(Datastore):
             return sorted(os.listdir(self.local_path(path)))
         except FileNotFoundError:
             raise NotFound(f"{path}: no such directory") from None
-
-    def walk(self, path):
-        top = self.local_path(path)
-        if not os.path.isdir(top):
-            raise NotFound(f"{path}: no such directory")
-        out, todo = {}, [""]
-        while todo:
-            rel = todo.pop()
-            try:
-                entries = list(os.scandir(os.path.join(top, rel)))
-            except FileNotFoundError:
-                continue        # removed while walked
-            for e in entries:
-                name = os.path.join(rel, e.name) if rel else e.name
-                try:
-                    if e.is_dir(follow_symlinks=False):
-                        todo.append(name)
-                    else:
-                        st = e.stat(follow_symlinks=False)
-                        out[name] = FileInfo(st.st_size, st.st_mtime_ns)
-                except FileNotFoundError:
-                    continue
-        return out
 
     def is_dir(self, path):
         return os.path.isdir(self.local_path(path))
@@ -146,10 +191,16 @@ class LocalDatastore(Datastore):
                 raise NotFound(f"{path}: no such file") from None
 
     def copy_file(self, src, dst):
-        shutil.copyfile(self.local_path(src), self._unlinked_path(dst))
+        try:
+            shutil.copyfile(self.local_path(src), self._unlinked_path(dst))
+        except FileNotFoundError:
+            raise NotFound(f"{src}: no such file") from None
 
     def replace(self, src, dst):
-        os.replace(self._unlinked_path(src), self._unlinked_path(dst))
+        try:
+            os.replace(self._unlinked_path(src), self._unlinked_path(dst))
+        except FileNotFoundError:
+            raise NotFound(f"{src}: no such file") from None
 
     def rmtree(self, path, missing_ok=True):
         p = self._unlinked_path(path)
@@ -159,11 +210,11 @@ class LocalDatastore(Datastore):
             raise NotFound(f"{path}: no such directory")
         shutil.rmtree(p)
 
-    def open_read(self, path):
+    def open_read(self, path, known=None):
         try:
             return LocalReadHandle(self.local_path(path))
         except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT, "no such file", path) from None
+            raise NotFound(f"{path}: no such file") from None
 
     def statfs(self):
         st = os.statvfs(self.root)
@@ -188,3 +239,4 @@ class LocalDatastore(Datastore):
             yield True
         finally:
             os.close(fd)
+

@@ -45,6 +45,9 @@ def mount(datastore: str, mountpoint: str, *, foreground=False, options=()) -> i
         mountpoint = _check_mountpoint(mountpoint)
         if opts.workdir and _is_inside(os.path.abspath(opts.workdir), mountpoint):
             raise InvalidInput("workdir must not be inside the mountpoint")
+        if opts.datastore.get("cache_dir") and _is_inside(os.path.abspath(opts.datastore["cache_dir"]), mountpoint):
+            raise InvalidInput("cache_dir must not be inside the mountpoint")
+        _ask_password_now(datastore, opts)
         if "://" not in datastore:
             if not os.path.isdir(datastore):
                 raise NotFound(f"datastore {datastore} does not exist")
@@ -96,8 +99,8 @@ def _run(datastore, mountpoint, opts, ready):
     _setup_logging(opts, background=ready is not None)
     try:
         # the catalogue of a store's images lives as long as the kernel keeps their names (SHORT)
-        store = ImageStore(open_datastore(datastore), writer_method=opts.writer, workdir=opts.workdir,
-                           catalogue_ttl=SHORT)
+        store = ImageStore(open_datastore(datastore, opts.datastore), writer_method=opts.writer,
+                           workdir=opts.workdir, catalogue_ttl=SHORT)
         imports = ImportRegistry(store)
         ns = Namespace(store, imports, scratch_capacity=opts.scratch_capacity, pid=os.getpid(),
                        uid=os.getuid(), gid=os.getgid(), admin_gid=opts.admin_gid,
@@ -117,6 +120,7 @@ def _run(datastore, mountpoint, opts, ready):
         trio.run(_serve, ops, mountpoint, ready)
     finally:
         pyfuse3.close(unmount=True)
+        store.ds.close()          # the daemon leaves with os._exit: no atexit hooks run
     log.info("unmounted %s", mountpoint)
     return 0
 
@@ -236,6 +240,16 @@ def _widen_readahead(dev):
 
 
 # --- helpers ---------------------------------------------------------------------------------
+def _ask_password_now(datastore, opts):
+    """A daemon has no terminal: a vSphere password to prompt for is asked before it starts
+    (kept in memory, handed over by fork, never on a command line)."""
+    if not str(datastore).startswith("vsphere://") or os.environ.get("IMAGEFS_VSPHERE_PASSWORD") \
+            or opts.datastore.get("password_file"):
+        return
+    from ..datastore.vsphere.url import parse_url, read_password
+    opts.datastore["password"] = read_password(parse_url(datastore), opts.datastore)
+
+
 def _check_mountpoint(mountpoint):
     mp = os.path.abspath(mountpoint)
     if not os.path.isdir(mp):

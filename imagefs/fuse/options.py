@@ -24,6 +24,8 @@ _SAFETY = {"suid": ("nosuid", False), "nosuid": ("nosuid", True), "dev": ("nodev
 # Meaningful to mount(8) and fstab only.
 _IGNORED = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group", "_netdev", "nofail"}
 _IGNORED_PREFIXES = ("x-", "comment=")
+# Settings of a vsphere:// datastore (docs/vsphere.md); a password is never an option.
+_DATASTORE_KEYS = {"password_file", "ca_file", "cache_size", "cache_dir"}
 
 DEFAULT_MAX_EXPORTS = 32
 DEFAULT_MAX_EXPORTS_PER_USER = 8
@@ -54,6 +56,7 @@ class MountOptions:
     max_exports: int = DEFAULT_MAX_EXPORTS   # open exports in the whole mount
     max_exports_per_user: int = DEFAULT_MAX_EXPORTS_PER_USER
     warnings: list = field(default_factory=list)
+    datastore: dict = field(default_factory=dict)  # remote backend settings (password_file, ca_file, ...)
 
     @property
     def read_only(self):
@@ -94,6 +97,10 @@ def parse_options(options):
             out.admin_gid = _group_id(value)
         elif eq and key in ("max_exports", "max_exports_per_user"):
             setattr(out, key, _count(key, value))
+        elif eq and key in _DATASTORE_KEYS:
+            out.datastore[key] = parse_size(value) if key == "cache_size" else value
+        elif item == "insecure":
+            out.datastore["insecure"] = True
         else:
             raise InvalidInput(f"unknown mount option {item!r}")
     out.fuse |= {"fsname=imagefs", "subtype=imagefs", "default_permissions"}
