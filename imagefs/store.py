@@ -171,6 +171,9 @@ class ImageStore:
                 if image_id == SCRATCH:
                     log.warning("store %s: scratch is incomplete; the store is probably unusable", store)
                     continue
+                if self.ds.is_link(d):      # not imagefs's: never followed, never removed
+                    log.warning("store %s: images/%s is a symbolic link; left alone", store, image_id)
+                    continue
                 log.warning("store %s: removing incomplete image %s", store, image_id)
                 self.ds.rmtree(d)
 

@@ -132,6 +132,10 @@ class LocalDatastore(Datastore):
                 out[name] = FileInfo(0 if is_dir else st.st_size, st.st_mtime_ns, is_dir)
         return out
 
+    def is_link(self, path):
+        """Is ``path`` a symbolic link (which imagefs never follows when changing the datastore)?"""
+        return os.path.islink(self.local_path(path))
+
     def mkdir(self, path, parents=False):
         p = self._unlinked_path(path)
         try:
