@@ -32,5 +32,5 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test,fuzz]'
 ./scripts/build-pyfuse3.sh               # pyfuse3 with cache_readdir (patches/)
