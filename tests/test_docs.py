@@ -23,7 +23,7 @@ the opening ```); a block without one, or with one not listed here, fails
                     $IMAGEFS_DATASTORE (examples naming a real vCenter are ``text``).
   ```sh long        Campaigns and benchmarks that take minutes: each command starts as
                     written and must not fail within its first 3 seconds; then it gets
-                    SIGINT (what it leaves dies with the sandbox).
+                    SIGINT, SIGKILL 10 s later (what it leaves dies with the sandbox).
   ```sh ci          What CI runs (the suite itself): each command must be one of .ci/run's.
 
 An HTML comment ``<!-- doc-test`` ... ``-->`` on lines of its own holds shell lines
@@ -136,8 +136,9 @@ def session(doc, shell):
             code = _unit_check(b, shell)
         elif b.kind == "sh vsphere":
             needs_vsphere = True
-            code = f"(\nexport IMAGEFS_DATASTORE=\"$DOC_TEST_VSPHERE\" IMAGEFS_VSPHERE_PASSWORD=\"$DOC_TEST_VSPHERE_PASSWORD\" " \
-                   f"IMAGEFS_VSPHERE_CA_FILE=\"$DOC_TEST_VSPHERE_CA\"\n{b.text})\n"
+            code = ("(\nprintf '%s\\n' \"$DOC_TEST_VSPHERE_CA\" > " + OUT + "/vsphere-ca.pem\n"
+                    "export IMAGEFS_DATASTORE=\"$DOC_TEST_VSPHERE\" IMAGEFS_VSPHERE_PASSWORD=\"$DOC_TEST_VSPHERE_PASSWORD\" "
+                    f"IMAGEFS_VSPHERE_CA_FILE={OUT}/vsphere-ca.pem\n{b.text})\n")
         elif b.kind == "sh long":
             code = "".join(_long_check(cmd, shell) for cmd in _commands(b.text))
         parts.append(f"{{\n{code}}} > {OUT}/out\ncat {OUT}/out\n" if checked else code)
@@ -171,7 +172,7 @@ def _unit_check(b, shell):
 
 def _long_check(cmd, shell):
     return (f"_rc=0; timeout -s INT -k 10 {LONG_SECONDS} {shell} -c {shlex.quote(cmd)} || _rc=$?\n"
-            "[ $_rc -eq 0 ] || [ $_rc -eq 124 ]\n")
+            "[ $_rc -eq 0 ] || [ $_rc -eq 124 ] || [ $_rc -eq 137 ]\n")     # 124: interrupted, 137: killed later
 
 
 def _env(doc):
@@ -190,19 +191,21 @@ def test_doc_examples_run_as_written(request, doc, shell):
     script, needs_vsphere = session(doc, shell)
     env = _env(doc)
     if needs_vsphere:
-        env.update(_vsphere_env(request))
+        env.update(_vsphere_env(request, shell))
     proc = run_sandboxed(script, shell, workdir=CHECKOUT, env=env)
     assert proc.returncode == 0, f"{doc} under {shell}:\n{proc.stderr[-4000:]}"
 
 
-def _vsphere_env(request):
+def _vsphere_env(request, shell):
     try:
         import vsphere_sim
     except ImportError:
         pytest.fail("docs have `sh vsphere` blocks but tests/vsphere_sim.py (the simulator) is missing")
     sim = request.getfixturevalue("vcsim")
-    return {"DOC_TEST_VSPHERE": sim.url(f"doc-test-{os.getpid()}"), "DOC_TEST_VSPHERE_PASSWORD": vsphere_sim.PASSWORD,
-            "DOC_TEST_VSPHERE_CA": sim.ca_file}
+    with open(sim.ca_file) as f:            # its file is in the host's /tmp, which the sandbox hides
+        ca = f.read().strip()
+    return {"DOC_TEST_VSPHERE": sim.url(f"doc-test-{os.getpid()}-{shell}"),
+            "DOC_TEST_VSPHERE_PASSWORD": vsphere_sim.PASSWORD, "DOC_TEST_VSPHERE_CA": ca}
 
 
 GOOD_DOC = """
