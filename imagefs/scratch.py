@@ -13,6 +13,7 @@ VMFS-native disks instead: an empty thin ``vmfs`` base (``scratch-base.vmdk``) a
 grains, so that nothing of the mostly-zero capacity is stored or uploaded but the
 base's descriptor (see make_scratch_disk's ``base``).
 """
+import math
 import os
 import secrets
 import shutil
@@ -46,7 +47,9 @@ def parse_size(text):
     try:
         value = float(num)
     except ValueError:
-        raise InvalidInput(f"invalid size {text!r}: use e.g. 8GB, 512MiB or a byte count") from None
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or value * _UNITS.get(unit, 1) >= 2 ** 63:
+        raise InvalidInput(f"invalid size {text!r}: use e.g. 8GB, 512MiB or a byte count")
     if unit not in _UNITS:
         raise InvalidInput(f"invalid size unit in {text!r}")
     return int(value * _UNITS[unit])

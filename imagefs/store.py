@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from . import scratch as scratch_disk
-from .errors import Exists, ImageFSError, InUse, InvalidInput, NotFound, ReadOnly
+from .errors import CorruptDisk, Exists, ImageFSError, InUse, InvalidInput, NotFound, ReadOnly
 from .ids import SCRATCH, check_id
 from .tree import ImageTree
 from .datastore.local import LocalDatastore
@@ -51,6 +51,8 @@ class Catalogue:
     def ancestors(self, image_id):
         out, img = [], self.images[image_id]
         while img.parent is not None and img.parent in self.images:
+            if img.parent == image_id or img.parent in out:
+                raise CorruptDisk(f"image {image_id} in store {img.store}: its disk chain loops at {img.parent}")
             out.append(img.parent)
             img = self.images[img.parent]
         return out
@@ -82,6 +84,11 @@ def _disk_path(store, image_id):
 
 def _format_file(store):
     return f"{_store_dir(store)}/diskFormat"
+
+
+def _children_lock(store, image_id):
+    """Held (shared) while a child of the image is written, so the image is not deleted under it."""
+    return f"{_image_dir(store, image_id)}/.children.lock"
 
 
 def _container_disk(container_id):
@@ -118,14 +125,16 @@ class ImageStore:
             raise Exists(f"image store {name} already exists") from None
         try:
             self.ds.write_file(_format_file(name), f"{disk_format}\n".encode())
-            self.ds.mkdir(_images_dir(name))
-            self.ds.mkdir(_image_dir(name, SCRATCH))
-            self.ds.mkdir(f"{_image_dir(name, SCRATCH)}/imageMetadata")
-            base = self._scratch_base(name, capacity, disk_format)
-            with self.ds.new_host_dir(_image_dir(name, SCRATCH)) as host:
-                scratch_disk.make_scratch_disk(f"{host}/{SCRATCH}{DISK_SUFFIX}", capacity, workdir=self.workdir,
-                                               disk_format=disk_format, base=base)
-            self.ds.write_file(f"{_image_dir(name, SCRATCH)}/manifest", b"")
+            # held while scratch is made: a delete or clean-up by another process waits it out (EBUSY)
+            with self.ds.lock(f"{_store_dir(name)}/.lock", exclusive=True):
+                self.ds.mkdir(_images_dir(name))
+                self.ds.mkdir(_image_dir(name, SCRATCH))
+                self.ds.mkdir(f"{_image_dir(name, SCRATCH)}/imageMetadata")
+                base = self._scratch_base(name, capacity, disk_format)
+                with self.ds.new_host_dir(_image_dir(name, SCRATCH)) as host:
+                    scratch_disk.make_scratch_disk(f"{host}/{SCRATCH}{DISK_SUFFIX}", capacity, workdir=self.workdir,
+                                                   disk_format=disk_format, base=base)
+                self.ds.write_file(f"{_image_dir(name, SCRATCH)}/manifest", b"")
         except BaseException:
             self.ds.rmtree(_store_dir(name))
             raise
@@ -203,6 +212,9 @@ class ImageStore:
                 if image_id == SCRATCH:
                     log.warning("store %s: scratch is incomplete; the store is probably unusable", store)
                     continue
+                if self.ds.is_link(d):      # not imagefs's: never followed, never removed
+                    log.warning("store %s: images/%s is a symbolic link; left alone", store, image_id)
+                    continue
                 log.warning("store %s: removing incomplete image %s", store, image_id)
                 self.ds.rmtree(d)
 
@@ -254,7 +266,10 @@ class ImageStore:
             disk = _disk_path(store, image_id)
             parent = None
             if image_id != SCRATCH:
-                parent_disk = self._parent_disk(disk, disk_info)
+                try:
+                    parent_disk = self._parent_disk(disk, disk_info)
+                except (NotFound, FileNotFoundError):
+                    continue    # deleted (by another process) since the walk: not an image any more
                 parent = None if parent_disk is None else posixpath.basename(parent_disk)[: -len(".vmdk")]
             keys = tuple(sorted(k.partition("/")[2] for k, info in held.items()
                                 if k.startswith("imageMetadata/") and not info.is_dir))
@@ -345,7 +360,10 @@ class ImageStore:
             parent = self.get_image(store, parent_id)
         except NotFound:
             raise NotFound(f"parent image {parent_id} not found in store {store}") from None
-        with self.ds.lock(f"{_store_dir(store)}/.lock", exclusive=False):
+        with self.ds.lock(f"{_store_dir(store)}/.lock", exclusive=False), \
+                self.ds.lock(_children_lock(store, parent_id), exclusive=False):   # the parent stays
+            if not self.ds.exists(f"{_image_dir(store, parent_id)}/manifest"):
+                raise NotFound(f"parent image {parent_id} not found in store {store}")
             d = _image_dir(store, image_id)
             try:
                 self.ds.mkdir(d)
@@ -375,20 +393,30 @@ class ImageStore:
         img = self.get_image(store, image_id)
         if image_id == SCRATCH:
             raise InUse(f"scratch is the base of store {store} and cannot be deleted (delete the store)")
-        kids = self.children(store, image_id)
-        if kids:
-            raise InUse(f"image {image_id} is in use by child images: {', '.join(sorted(kids))}")
-        owners = self.owners(store, image_id)
-        if owners:
-            raise InUse(f"image {image_id} is in use by containers: {', '.join(owners)}")
-        from .oci.refs import RefStore
-        refs = RefStore(self, store).refs_of(image_id)
-        if refs:
-            raise InUse(f"image {image_id} is tagged {', '.join(refs)}; untag it first")
         d = _image_dir(store, image_id)
-        self.ds.remove(f"{d}/manifest")      # first: from here on the image does not exist
-        self.ds.remove(img.disk)
-        self.ds.rmtree(d)
+        # Under the lock a child write waits for (or makes this fail), the children are looked
+        # up afresh: a child sealed a moment ago (maybe by another process) must be seen. The
+        # store's lock, shared as writers hold it, keeps another process's clean-up from
+        # taking the half-deleted directory for a crashed write.
+        with self.ds.lock(f"{_store_dir(store)}/.lock", exclusive=False), \
+                self.ds.lock(_children_lock(store, image_id), exclusive=True, blocking=False) as got:
+            if not got:
+                raise InUse(f"image {image_id} has a child image being written")
+            self._changed(store)
+            self._changed()
+            kids = self.children(store, image_id)
+            if kids:
+                raise InUse(f"image {image_id} is in use by child images: {', '.join(sorted(kids))}")
+            owners = self.owners(store, image_id)
+            if owners:
+                raise InUse(f"image {image_id} is in use by containers: {', '.join(owners)}")
+            from .oci.refs import RefStore
+            refs = RefStore(self, store).refs_of(image_id)
+            if refs:
+                raise InUse(f"image {image_id} is tagged {', '.join(refs)}; untag it first")
+            self.ds.remove(f"{d}/manifest")      # first: from here on the image does not exist
+            self.ds.remove(img.disk)
+            self.ds.rmtree(d)
         self._changed(store)
         log.info("deleted image %s/%s", store, image_id)
 

@@ -90,6 +90,10 @@ class Datastore(ABC):
     @abstractmethod
     def is_dir(self, path): ...
 
+    def is_link(self, path):
+        """Is ``path`` a symbolic link? (Backends without links: never.)"""
+        return False
+
     @abstractmethod
     def exists(self, path): ...
 

@@ -3,11 +3,18 @@
 Host files are the datastore's own files (no staging), the lock is flock(2) on a lock
 file (it holds for every process of this host; a directory shared with other hosts
 over a network filesystem needs that filesystem's flock), and ``walk`` is one scandir pass.
+
+Everything that changes the datastore (make, write, replace, remove, lock) refuses
+a path with a symbolic link anywhere below the root: a datastore where someone
+replaced ``images/<id>`` or ``.lock`` by a link must not make imagefs delete or
+create files elsewhere. Paths never leave the root ('..' cannot climb out).
 """
+import errno
 import fcntl
 import fnmatch
 import os
 import shutil
+import stat
 from contextlib import contextmanager
 
 from ..errors import Exists, ImageFSError, NotFound
@@ -51,7 +58,26 @@ class LocalDatastore(Datastore):
         return cls(spec[len("file://"):] if spec.startswith("file://") else spec)
 
     def local_path(self, path):
-        return os.path.join(self.root, path.lstrip("/"))
+        rel = os.path.normpath(path.lstrip("/"))
+        if rel == ".." or rel.startswith("../"):
+            raise ImageFSError(f"{path}: lies outside the datastore")
+        return os.path.join(self.root, rel) if rel != "." else self.root
+
+    def _unlinked_path(self, path):
+        """local_path, after checking that no component below the root is a symbolic link."""
+        p = self.local_path(path)
+        here = self.root
+        for part in os.path.relpath(p, self.root).split(os.sep):
+            if part == ".":
+                continue
+            here = os.path.join(here, part)
+            try:
+                if stat.S_ISLNK(os.lstat(here).st_mode):
+                    raise ImageFSError(f"{path}: {os.path.relpath(here, self.root)} in the datastore is a "
+                                       "symbolic link; imagefs does not follow links when changing it")
+            except FileNotFoundError:
+                break
+        return p
 
     @contextmanager
     def host_files(self, paths):
@@ -109,8 +135,12 @@ class LocalDatastore(Datastore):
                 out[name] = FileInfo(0 if is_dir else st.st_size, st.st_mtime_ns, is_dir)
         return out
 
+    def is_link(self, path):
+        """Is ``path`` a symbolic link (which imagefs never follows when changing the datastore)?"""
+        return os.path.islink(self.local_path(path))
+
     def mkdir(self, path, parents=False):
-        p = self.local_path(path)
+        p = self._unlinked_path(path)
         try:
             if parents:
                 os.makedirs(p, exist_ok=True)
@@ -147,7 +177,7 @@ class LocalDatastore(Datastore):
             raise NotFound(f"{path}: no such file") from None
 
     def write_file(self, path, data):
-        p = self.local_path(path)
+        p = self._unlinked_path(path)
         tmp = f"{p}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -162,25 +192,25 @@ class LocalDatastore(Datastore):
 
     def remove(self, path, missing_ok=True):
         try:
-            os.unlink(self.local_path(path))
+            os.unlink(self._unlinked_path(path))
         except FileNotFoundError:
             if not missing_ok:
                 raise NotFound(f"{path}: no such file") from None
 
     def copy_file(self, src, dst):
         try:
-            shutil.copyfile(self.local_path(src), self.local_path(dst))
+            shutil.copyfile(self.local_path(src), self._unlinked_path(dst))
         except FileNotFoundError:
             raise NotFound(f"{src}: no such file") from None
 
     def replace(self, src, dst):
         try:
-            os.replace(self.local_path(src), self.local_path(dst))
+            os.replace(self._unlinked_path(src), self._unlinked_path(dst))
         except FileNotFoundError:
             raise NotFound(f"{src}: no such file") from None
 
     def rmtree(self, path, missing_ok=True):
-        p = self.local_path(path)
+        p = self._unlinked_path(path)
         if not os.path.lexists(p):
             if missing_ok:
                 return
@@ -200,7 +230,12 @@ class LocalDatastore(Datastore):
     @contextmanager
     def lock(self, path, exclusive=True, blocking=True):
         """flock on a lock file; yields False if non-blocking and someone else holds it."""
-        fd = os.open(self.local_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(self._unlinked_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise ImageFSError(f"{path}: is a symbolic link; imagefs does not follow links when locking") from None
         try:
             flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB)
             try:

@@ -22,6 +22,7 @@ import trio
 from ..datastore import open_datastore
 from ..errors import Exists, ImageFSError, InvalidInput, NotFound
 from ..store import ImageStore
+from .exports import ExportLimits
 from .imports import ImportHandle, ImportRegistry
 from .namespace import Namespace
 from .nodes import SHORT
@@ -39,6 +40,8 @@ def mount(datastore: str, mountpoint: str, *, foreground=False, options=()) -> i
     """Mount ``datastore`` on ``mountpoint``; the exit code (0 once the mount is ready)."""
     try:
         opts = parse_options(options)
+        if "://" not in datastore:
+            datastore = os.path.abspath(datastore)     # the background daemon runs in /
         mountpoint = _check_mountpoint(mountpoint)
         if opts.workdir and _is_inside(os.path.abspath(opts.workdir), mountpoint):
             raise InvalidInput("workdir must not be inside the mountpoint")
@@ -58,6 +61,8 @@ def mount(datastore: str, mountpoint: str, *, foreground=False, options=()) -> i
     except ImageFSError as e:
         print(f"imagefs: {e}", file=sys.stderr)
         return 1
+    for warning in opts.warnings:
+        print(f"imagefs: warning: {warning}", file=sys.stderr)
     if foreground or opts.debug:
         return _run(datastore, mountpoint, opts, ready=None)
     return _run_in_background(datastore, mountpoint, opts)
@@ -98,7 +103,8 @@ def _run(datastore, mountpoint, opts, ready):
                            workdir=opts.workdir, catalogue_ttl=SHORT)
         imports = ImportRegistry(store)
         ns = Namespace(store, imports, scratch_capacity=opts.scratch_capacity, pid=os.getpid(),
-                       uid=os.getuid(), gid=os.getgid())
+                       uid=os.getuid(), gid=os.getgid(), admin_gid=opts.admin_gid,
+                       export_limits=ExportLimits(opts.max_exports, opts.max_exports_per_user))
         ops = Operations(ns, imports)
         try:
             pyfuse3.init(ops, mountpoint, opts.fuse)
@@ -108,6 +114,8 @@ def _run(datastore, mountpoint, opts, ready):
         print(f"imagefs: {e}", file=sys.stderr)
         return 1
     log.info("mounted %s on %s (%s)", datastore, mountpoint, ",".join(sorted(opts.fuse)))
+    for warning in opts.warnings:
+        log.warning("%s", warning)
     try:
         trio.run(_serve, ops, mountpoint, ready)
     finally:

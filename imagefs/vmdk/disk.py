@@ -200,5 +200,5 @@ def _open(opener, path, what="disk file"):
         return opener(path)
     except FileNotFoundError:
         raise CorruptDisk(f"{path}: {what} is missing (broken chain)") from None
-    except PermissionError:
-        raise CorruptDisk(f"{path}: {what} cannot be read (permission denied)") from None
+    except OSError as e:        # a name that opens no file (too long, a directory, no permission...)
+        raise CorruptDisk(f"{path[:200]}: cannot open the {what} ({e.strerror or e})") from None

@@ -80,10 +80,12 @@ class HostedSparseExtent(GrainMapped):
             raise CorruptDisk(f"{path}: descriptor gives {sectors} sectors, the extent holds {header.capacity}")
         span = self.grain_size * self.entries
         self.n_tables = -(-header.capacity * SECTOR // span)
-        gd = header.rgd_offset if header.flags & FLAG_REDUNDANT_GD and header.rgd_offset else header.gd_offset
-        if not gd:
+        # the primary directory, as qemu reads (the redundant one is a copy kept for repairs)
+        if not header.gd_offset:
             raise CorruptDisk(f"{path}: no grain directory")
-        self.gd_offset, self.gd_entry_size = check_sector(path, gd, "grain directory") * SECTOR, 4
+        if header.flags & FLAG_REDUNDANT_GD:
+            check_sector(path, header.rgd_offset, "redundant grain directory")
+        self.gd_offset, self.gd_entry_size = check_sector(path, header.gd_offset, "grain directory") * SECTOR, 4
         self._init_maps()
         self._grains = {}
         self._grain_lock = threading.Lock()

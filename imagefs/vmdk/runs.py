@@ -26,8 +26,12 @@ SECTOR = 512
 HOLE, ZERO, DATA, DEFLATE = 0, 1, 2, 3
 
 GD_BLOCK = 1024                 # grain-directory entries read at a time
-MAX_TABLE_ENTRIES = 1 << 16     # entries of one grain table (formats use 512 or 4096)
-MAX_GRAIN = 1 << 30             # bytes of one grain (qemu's limit too)
+# what a header may make us read or allocate (its fields are untrusted): 64 TiB disks,
+# grains up to 1 MiB, grain tables up to 4096 entries, directories up to 4 Mi entries
+MAX_TABLE_ENTRIES = 4096        # entries of one grain table (the formats use 512 or 4096)
+MAX_GRAIN = 1 << 20             # bytes of one grain (the formats use 512 B to 64 KiB)
+MAX_CAPACITY = 1 << 46          # bytes
+MAX_TABLES = 1 << 22
 TABLE_CACHE = 64                # decoded grain tables kept per extent
 TABLE_READ = 1 << 20            # bytes of adjacent grain tables read at once
 MAX_SECTOR = 1 << 40            # 512 TiB: no VMDK structure lies beyond
@@ -36,18 +40,20 @@ MAX_SECTOR = 1 << 40            # 512 TiB: no VMDK structure lies beyond
 def check_sector(path, sector, what):
     """Refuse a header's sector number that points beyond any real file."""
     if not 0 <= sector < MAX_SECTOR:
-        raise CorruptDisk(f"{path}: {what} at sector {sector} is out of range")
+        raise CorruptDisk(f"{path}: {what} offset (sector {sector}) is out of range")
     return sector
 
 
 def check_geometry(path, grain_size, entries, size):
     """Refuse header fields that would size allocations or loops beyond reason."""
-    if not (SECTOR <= grain_size <= MAX_GRAIN) or grain_size % SECTOR:
+    if not (SECTOR <= grain_size <= MAX_GRAIN) or grain_size & (grain_size - 1):
         raise CorruptDisk(f"{path}: invalid grain size {grain_size}")
     if not (1 <= entries <= MAX_TABLE_ENTRIES):
         raise CorruptDisk(f"{path}: invalid grain table size {entries}")
-    if size <= 0 or size > 1 << 56:
+    if size <= 0 or size > MAX_CAPACITY:
         raise CorruptDisk(f"{path}: invalid capacity {size}")
+    if -(-size // (grain_size * entries)) > MAX_TABLES:
+        raise CorruptDisk(f"{path}: grain directory of more than {MAX_TABLES} entries")
 
 
 class GrainMapped:
