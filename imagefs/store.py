@@ -241,7 +241,11 @@ class ImageStore:
 
     def layer_disk(self, store, image_id):
         """An image's own disk facts: createType, extent files, CIDs (a vmdk.DiskInfo)."""
-        return self.disk_info(self.get_image(store, image_id).disk)
+        img = self.get_image(store, image_id)
+        try:
+            return self.disk_info(img.disk)
+        except FileNotFoundError:       # deleted by another process a moment ago
+            raise NotFound(f"image {image_id} in store {store} has no disk") from None
 
     def _parent_of_disk(self, disk, known=None):
         """(parent image id or None, parent disk path) from a disk's descriptor."""

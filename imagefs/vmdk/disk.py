@@ -64,8 +64,10 @@ class DiskInfo:
 
 
 def open_disk(path, opener, names=None):
-    """The DiskInfo of the disk named by ``path`` (reads the start of one file)."""
-    handle = _open(opener, path)
+    """The DiskInfo of the disk named by ``path`` (reads the start of one file).
+    FileNotFoundError if that file is gone (another process may have deleted the image:
+    the caller decides); in a chain a missing file is CorruptDisk instead."""
+    handle = _open(opener, path, missing_ok=True)
     try:
         info, _ = _read_info(path, handle, names)
         return info
@@ -195,10 +197,12 @@ def _open_extent(line, path, opener):
         raise
 
 
-def _open(opener, path, what="disk file"):
+def _open(opener, path, what="disk file", missing_ok=False):
     try:
         return opener(path)
     except FileNotFoundError:
+        if missing_ok:
+            raise
         raise CorruptDisk(f"{path}: {what} is missing (broken chain)") from None
     except OSError as e:        # a name that opens no file (too long, a directory, no permission...)
         raise CorruptDisk(f"{path[:200]}: cannot open the {what} ({e.strerror or e})") from None
