@@ -98,7 +98,7 @@ def _open_input(path):
 
 # --- store --------------------------------------------------------------------------------------
 def cmd_store_create(args):
-    _open_store(args, create=True).create_store(args.name, capacity=args.capacity)
+    _open_store(args, create=True).create_store(args.name, capacity=args.capacity, disk_format=args.disk_format)
     print(args.name)
 
 
@@ -178,7 +178,13 @@ def _image_facts(st, store, image_id):
             "ancestors": st.ancestors(store, image_id), "children": st.children(store, image_id),
             "metadata": sorted(img.metadata_keys), "usage": st.layer_usage(store, image_id),
             "url": st.url(store, image_id), "disk": st.datastore_path(store, image_id),
+            **_disk_format(st, store, image_id),
             "owners": st.owners(store, image_id), "refs": _refs(st, store).get(image_id, [])}
+
+
+def _disk_format(st, store, image_id):
+    disk = st.layer_disk(store, image_id)
+    return {"format": disk.create_type, "extents": list(disk.extent_files)}
 
 
 def cmd_image_info(args):
@@ -446,6 +452,9 @@ def build_parser():
     c = store.add_parser("create", help="create a store with its scratch image (and the datastore)")
     c.add_argument("name")
     c.add_argument("--capacity", default="8GB", help="scratch disk capacity (default 8GB)")
+    c.add_argument("--disk-format", choices=["monolithicSparse", "vmfsSparse", "seSparse"],
+                   help="createType of the store's layers (default: the datastore's; monolithicSparse "
+                        "locally); vmfsSparse and seSparse are ESXi delta formats")
     c.set_defaults(func=cmd_store_create)
     c = store.add_parser("ls", help="list stores")
     _json_flag(c)
