@@ -22,6 +22,7 @@ from .errors import CorruptDisk, Exists, ImageFSError, InUse, InvalidInput, NotF
 from .ids import SCRATCH, check_id
 from .tree import ImageTree
 from .datastore.local import LocalDatastore
+from .diskpool import DiskPool
 from .vmdk import DiskChain, open_disk
 from .vmdk.layer_format import DEFAULT_FORMAT, check_disk_format
 
@@ -109,6 +110,7 @@ class ImageStore:
         self._catalogues = {}         # store -> (monotonic time built, Catalogue)
         self._containers = None       # (monotonic time listed, [Container])
         self._parents = {}            # (disk, size, mtime) -> parent disk path or None
+        self.disks = DiskPool(self.ds.open_read, self.ds.hint_names)   # the layer disks read, shared
         self.ds.mkdir(ROOT_DIR, parents=True)
 
     # --- image stores -------------------------------------------------------------------
@@ -449,8 +451,15 @@ class ImageStore:
         return deleted
 
     # --- reading --------------------------------------------------------------------------------
-    def open_chain(self, disk):
-        return DiskChain(disk, self.ds.open_read, self.ds.hint_names)
+    def open_chain(self, disk, sealed=True):
+        """The DiskChain of ``disk``; its layers are shared with every chain of this store
+        object (imagefs/diskpool.py), but for a top disk that may still change (``sealed``
+        False: a container's)."""
+        if sealed:
+            shared = self.disks.disk
+        else:
+            shared = lambda path: None if path == disk else self.disks.disk(path)  # noqa: E731
+        return DiskChain(disk, self.ds.open_read, self.ds.hint_names, shared=shared)
 
     @contextmanager
     def host_chain(self, disk):
@@ -466,11 +475,16 @@ class ImageStore:
                     qemu_parent(chain, dict(zip(files, hosts)).__getitem__, self.workdir) as host:
                 yield host
 
-    def tree(self, store, image_id, cache=None):
+    def tree(self, store, image_id, cache=None, token=None):
         """The read API of a sealed image, opened anew (a mount keeps its own, see fuse/namespace.py);
-        ``cache`` is where it keeps what it reads (imagefs/cache.py; one of its own by default)."""
+        ``cache`` is where it keeps what it reads (imagefs/cache.py; one of its own by default),
+        under ``token`` (a tree opened again with the same token finds its entries)."""
         img = self.get_image(store, image_id)
-        return ImageTree(self.open_chain(img.disk), name=f"{store}/{image_id}", cache=cache)
+        return ImageTree(self.open_chain(img.disk), name=f"{store}/{image_id}", cache=cache, token=token)
+
+    def forget_image_files(self, store, image_id):
+        """Let go of the disk files of an image deleted (maybe by another process)."""
+        self.disks.forget(_image_dir(store, image_id))
 
     # --- usage, URLs ----------------------------------------------------------------------------
     def layer_usage(self, store, image_id):
@@ -619,7 +633,7 @@ class ImageStore:
     def container_tree(self, container_id):
         """A fresh read API of a container's disk (not cached: the disk can change)."""
         c = self.get_container(container_id)
-        return ImageTree(self.open_chain(c.disk), name=f"container {container_id}")
+        return ImageTree(self.open_chain(c.disk, sealed=False), name=f"container {container_id}")
 
 
 def _disk_bytes(files):

@@ -36,11 +36,13 @@ _ENTRY_COST = 200
 class ImageTree:
     """Read-only inode-level access to the ext4 filesystem inside a disk chain."""
 
-    def __init__(self, chain, name=None, cache=None):
+    def __init__(self, chain, name=None, cache=None, token=None):
+        """``token`` keys this tree's entries in ``cache``: one per image incarnation (a tree of
+        the same sealed image opened again may use the same), a new one by default."""
         self.chain = chain
         self.name = name or chain.layers[0].path
         self.cache = cache if cache is not None else Cache(8 << 20)
-        self._token = next(_tokens)
+        self._token = next(_tokens) if token is None else token
         self._local = threading.local()
         try:
             self.geo = ext4.Geometry(chain, self.cache, self._token)

@@ -1,6 +1,7 @@
 """The mount's namespace driven directly, with no mount: what each inode number stands
 for, what nodes answer, the one invalidation rule, the cache's bound."""
 import errno
+import io
 import json
 import os
 import shutil
@@ -13,12 +14,14 @@ from imagefs.errors import NotFound, ReadOnly
 from imagefs.fuse.errors import IsADirectory, PermissionDenied
 from imagefs.fuse.imports import ImportRegistry
 from imagefs.fuse.inodes import ROOT_INO, is_tree_ino, split_tree_ino, tree_ino
-from imagefs.fuse.namespace import Namespace
+from imagefs.fuse import namespace
+from imagefs.fuse.namespace import Namespace, TreeClosed
 from imagefs.fuse.nodes import LONG, TreeNode
 from imagefs.store import ImageStore
 from imagefs.tree import ROOT_INO as EXT4_ROOT
 
 from fuse_fixtures import BIG, STORE, datastore  # noqa: F401 (fixture)
+from helpers import make_tar
 
 
 def make_ns(ds_root, **kw):
@@ -169,5 +172,46 @@ def test_the_cache_stays_within_its_budget(datastore):  # noqa: F811
                         stack.append(entry.ino)
             assert seen > 5
             assert ns.cache.cost <= 64 << 10
+    finally:
+        ns.close()
+
+
+def test_trees_beyond_the_bound_close_and_open_again_from_the_cache(datastore, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(namespace, "MAX_TREES", 2)
+    ns = make_ns(datastore)
+    try:
+        small = walk(ns, STORE, "images", "base", "rootfs", "files", "small")
+        for image in ("child", "idl", "scratch"):
+            walk(ns, STORE, "images", image, "rootfs")
+        assert ns.open_trees == 2
+        with pytest.raises(TreeClosed):
+            ns.resolve(small.ino)                   # the adapter reopens it in a worker thread
+        cached = len(ns.cache)
+        assert ns.resolve_here(small.ino).getattr(ns) == small
+        assert len(ns.cache) == cached              # answered from what the first tree read
+        handle = ns.resolve(small.ino).open(ns, os.O_RDONLY)
+        assert trio.run(handle.read, 0, 100) == b"hello\n"
+        handle.release()
+    finally:
+        ns.close()
+
+
+def test_a_closed_tree_of_an_image_made_again_meanwhile_is_gone(datastore, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(namespace, "MAX_TREES", 1)
+    ds = str(tmp_path / "ds")
+    shutil.copytree(datastore, ds)
+    ns = make_ns(ds)
+    try:
+        old = walk(ns, STORE, "images", "idl", "rootfs", "bin", "id")
+        walk(ns, STORE, "images", "base", "rootfs")     # idl's tree closes
+        other = ImageStore(open_datastore(ds))          # another process deletes idl and writes it again
+        other.delete_image(STORE, "idl")
+        other.write_image(STORE, "scratch", "idl", io.BytesIO(make_tar([("new", "file", {"data": b"new\n"})])))
+        with pytest.raises(NotFound):
+            ns.resolve_here(old.ino)
+        with pytest.raises(NotFound):
+            ns.resolve(old.ino)                         # forgotten for good
+        new = walk(ns, STORE, "images", "idl", "rootfs", "new")
+        assert new.ino != old.ino and new.stat.size == 4
     finally:
         ns.close()

@@ -31,6 +31,12 @@ class ReadHandle(ABC):
     @abstractmethod
     def close(self): ...
 
+    def identity(self):
+        """What tells this file from another one later found under the same name (e.g. device,
+        inode, size, mtime), or None where the backend cannot tell; imagefs.diskpool shares
+        and reopens only files that say who they are."""
+        return None
+
 
 class FileInfo(NamedTuple):
     """One file or directory found by ``walk``."""

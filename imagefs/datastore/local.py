@@ -37,6 +37,10 @@ class LocalReadHandle(ReadHandle):
 
     __del__ = close
 
+    def identity(self):
+        st = os.fstat(self.fd)
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
 
 class LocalDatastore(Datastore):
     name = "local"

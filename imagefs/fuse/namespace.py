@@ -4,8 +4,11 @@ trees and the cache behind them.
 - Synthetic nodes (nodes.py) get numbers counting up (inodes.py) and keep them for
   the life of the mount.
 - An image gets an ImageRef (an incarnation, with an index) the first time the mount
-  sees it; its tree is opened once, on first use, and shares the mount's one Cache
-  (imagefs/cache.py) with every other tree.
+  sees it; its tree is opened on first use and shares the mount's one Cache
+  (imagefs/cache.py) with every other tree, its entries keyed by the incarnation.
+  At most MAX_TREES trees stay open (least recently used go; the chains' disks and
+  descriptors are bounded by the store's DiskPool): a request for a closed one is
+  answered after ``reopen`` in a worker thread, from the same cache entries.
 - One invalidation rule: what is read from a sealed image is never invalidated,
   because it never changes. An image deleted (here or by another process, seen
   missing at a lookup) is forgotten, and one made again under the same ID is a new
@@ -40,6 +43,15 @@ from .nodes import Entry, ExportFile, ImageRef, Root, TreeNode
 from .prefetch import Prefetcher
 
 CACHE_BUDGET = 64 << 20
+MAX_TREES = 64              # image trees kept open
+
+
+class TreeClosed(Exception):
+    """An inode of an image whose tree was closed to bound memory: ``reopen(idx)`` first."""
+
+    def __init__(self, idx):
+        super().__init__(idx)
+        self.idx = idx
 OPTION_EXPORTS_KEPT = 1024
 
 
@@ -64,7 +76,9 @@ class Namespace:
         self._inos = {(Root, None): ROOT_INO}
         self._next_ino = ROOT_INO + 1
         self._refs = {}               # (store, id) -> ImageRef
-        self._trees = {}              # idx -> ImageTree
+        self._live = {}               # idx -> ImageRef, of incarnations not forgotten
+        self._trees = OrderedDict()   # idx -> ImageTree, least recently used first
+        self._cids = {}               # idx -> CID of the image's disk when its tree was first opened
         self._next_idx = 1
         self._open = {}               # idx -> open image files
 
@@ -77,14 +91,26 @@ class Namespace:
         """The node behind ``ino``: a synthetic node, or a TreeNode of an image's file."""
         if is_tree_ino(ino):
             idx, ext4_ino = split_tree_ino(ino)
-            tree = self._trees.get(idx)
-            if tree is None:
-                raise NotFound(f"inode {ino}: its image is gone")
+            try:
+                tree = self._trees[idx]
+                self._trees.move_to_end(idx)
+            except KeyError:
+                if idx in self._live:
+                    raise TreeClosed(idx) from None
+                raise NotFound(f"inode {ino}: its image is gone") from None
             return TreeNode(tree, idx, ino, ext4_ino)
         node = self._nodes.get(ino)
         if node is None:
             raise NotFound(f"inode {ino} is gone")
         return node
+
+    def resolve_here(self, ino):
+        """``resolve`` for worker threads: a closed tree is opened again here."""
+        try:
+            return self.resolve(ino)
+        except TreeClosed as closed:
+            self.reopen(closed.idx)
+            return self.resolve(ino)
 
     def node(self, cls, key):
         """The node ``cls(key)``, registered under a stable inode number."""
@@ -111,22 +137,54 @@ class Namespace:
                 ref = ImageRef(self._next_idx, img.store, img.id, img.parent, tuple(sorted(img.metadata_keys)))
                 self._next_idx += 1
                 self._refs[(img.store, img.id)] = ref
+                self._live[ref.idx] = ref
             return ref
 
     def tree(self, ref):
-        """The image's tree, opened on first use (reads VMDK headers: call from a worker thread)."""
-        tree = self._trees.get(ref.idx)
-        if tree is None:
-            tree = self.store.tree(ref.store, ref.id, cache=self.cache)
-            with self._lock:
-                tree = self._trees.setdefault(ref.idx, tree)
+        """The image's tree, opened on first use or again after it was closed (reads VMDK
+        headers: call from a worker thread). NotFound once the incarnation is gone."""
+        with self._lock:
+            tree = self._trees.get(ref.idx)
+            if tree is not None:
+                self._trees.move_to_end(ref.idx)
+                return tree
+        if ref.idx not in self._live:
+            raise NotFound(f"image {ref.id} in store {ref.store} is gone")
+        tree = self.store.tree(ref.store, ref.id, cache=self.cache, token=("image", ref.idx))
+        cid = tree.chain.layers[0].cid
+        with self._lock:
+            first = self._cids.setdefault(ref.idx, cid)
+        if cid != first:    # deleted and made again under the same ID behind the mount's back
+            self.forget_image(ref)
+            raise NotFound(f"image {ref.id} in store {ref.store} was deleted")
+        with self._lock:
+            tree = self._trees.setdefault(ref.idx, tree)
+            self._trees.move_to_end(ref.idx)
+            while len(self._trees) > MAX_TREES:
+                self._trees.popitem(last=False)
         return tree
 
+    @property
+    def open_trees(self):
+        return len(self._trees)
+
+    def reopen(self, idx):
+        """Open again the tree of a live incarnation (after TreeClosed; in a worker thread)."""
+        ref = self._live.get(idx)
+        if ref is None:
+            raise NotFound("its image is gone")
+        self.tree(ref)
+
     def forget_image(self, ref):
-        """After a delete: later lookups see a new incarnation, old inodes go stale."""
+        """After a delete: later lookups see a new incarnation, old inodes go stale, and the
+        store lets go of the image's disk files."""
         with self._lock:
-            self._refs.pop((ref.store, ref.id), None)
+            if self._refs.get((ref.store, ref.id)) is ref:
+                del self._refs[(ref.store, ref.id)]
+            self._live.pop(ref.idx, None)
             self._trees.pop(ref.idx, None)
+            self._cids.pop(ref.idx, None)
+        self.store.forget_image_files(ref.store, ref.id)
 
     def forget_missing(self, store, image_id):
         """An image deleted behind the mount's back (e.g. by the CLI) is forgotten once seen missing."""
@@ -217,7 +275,7 @@ class Namespace:
     def entry(self, child, names_ttl):
         """The Entry of a child (Node or tree inode) found in a directory with ``names_ttl``."""
         if isinstance(child, int):
-            return self.resolve(child).getattr(self)     # a tree root: attributes of a sealed image
+            return self.resolve_here(child).getattr(self)   # a tree root: attributes of a sealed image
         return Entry(self.ino_of(child), self.stat(child), names_ttl, child.attr_ttl)
 
     def stat(self, node):

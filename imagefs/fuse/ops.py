@@ -21,6 +21,7 @@ import trio
 from ..errors import ImageFSError, ReadOnly
 from .access import visible_xattrs
 from .files import DirHandle, HandleTable
+from .namespace import TreeClosed
 from .nodes import XATTR_PREFIX, ImagesDir, ImportDir
 
 log = logging.getLogger("imagefs.fuse")
@@ -109,6 +110,14 @@ class Operations(pyfuse3.Operations):
         self.ns.close()
         await self.imports.shutdown()
 
+    async def _resolve(self, ino):
+        """The node of ``ino``; a tree closed to bound memory is opened again in a worker thread."""
+        try:
+            return self.ns.resolve(ino)
+        except TreeClosed as closed:
+            await trio.to_thread.run_sync(self.ns.reopen, closed.idx)
+            return self.ns.resolve(ino)
+
     def _log_once(self, message):
         if message not in self._logged:
             log.error("%s", message)
@@ -118,7 +127,7 @@ class Operations(pyfuse3.Operations):
     # --- names and attributes ------------------------------------------------------------
     @_errors_to_errno
     async def lookup(self, parent_inode, name, ctx):
-        parent = self.ns.resolve(parent_inode)
+        parent = await self._resolve(parent_inode)
         if name in (b".", b".."):
             raise pyfuse3.FUSEError(errno.ENOENT)   # the kernel resolves these itself
         entry = await _call(parent, parent.lookup, self.ns, name)
@@ -132,12 +141,12 @@ class Operations(pyfuse3.Operations):
 
     @_errors_to_errno
     async def getattr(self, inode, ctx):
-        node = self.ns.resolve(inode)
+        node = await self._resolve(inode)
         return _attributes(await _call(node, node.getattr, self.ns))
 
     @_errors_to_errno
     async def setattr(self, inode, attr, fields, fh, ctx):
-        node = self.ns.resolve(inode)
+        node = await self._resolve(inode)
         if not node.settable:
             raise ReadOnly("read-only")
         if fields.update_size:
@@ -149,7 +158,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors_to_errno
     async def readlink(self, inode, ctx):
-        node = self.ns.resolve(inode)
+        node = await self._resolve(inode)
         return await _call(node, node.readlink, self.ns)
 
     async def forget(self, inode_list):
@@ -161,7 +170,7 @@ class Operations(pyfuse3.Operations):
     # --- directories -------------------------------------------------------------------
     @_errors_to_errno
     async def opendir(self, inode, ctx):
-        node = self.ns.resolve(inode)
+        node = await self._resolve(inode)
         fh = self.handles.add(DirHandle(node))
         if node.cache_listing and CACHE_READDIR:
             return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
@@ -188,18 +197,18 @@ class Operations(pyfuse3.Operations):
 
     @_errors_to_errno
     async def mkdir(self, parent_inode, name, mode, ctx):
-        parent = self.ns.resolve(parent_inode)
+        parent = await self._resolve(parent_inode)
         entry = await _call(parent, lambda: self.ns.entry(parent.mkdir(self.ns, name), parent.names_ttl))
         return _attributes(entry)
 
     @_errors_to_errno
     async def rmdir(self, parent_inode, name, ctx):
-        parent = self.ns.resolve(parent_inode)
+        parent = await self._resolve(parent_inode)
         await _call(parent, parent.rmdir, self.ns, name)
 
     @_errors_to_errno
     async def unlink(self, parent_inode, name, ctx):
-        parent = self.ns.resolve(parent_inode)
+        parent = await self._resolve(parent_inode)
         await _call(parent, parent.unlink, self.ns, name)
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
@@ -217,13 +226,13 @@ class Operations(pyfuse3.Operations):
     # --- files ---------------------------------------------------------------------------
     @_errors_to_errno
     async def create(self, parent_inode, name, mode, flags, ctx):
-        parent = self.ns.resolve(parent_inode)
+        parent = await self._resolve(parent_inode)
         handle, entry = await _call(parent, parent.create, self.ns, name, flags)
         return self._file_info(handle), _attributes(entry)
 
     @_errors_to_errno
     async def open(self, inode, flags, ctx):
-        node = self.ns.resolve(inode)
+        node = await self._resolve(inode)
         return self._file_info(await _call(node, node.open, self.ns, flags, ctx.uid))
 
     def _file_info(self, handle):
@@ -264,24 +273,24 @@ class Operations(pyfuse3.Operations):
         names = list(await self._xattrs(inode))
         if ctx.uid == 0 or not names:
             return names
-        node = self.ns.resolve(inode)
+        node = await self._resolve(inode)
         st = (await _call(node, node.getattr, self.ns)).stat
         return visible_xattrs(names, ctx, st)      # the kernel checks getxattr, not listxattr
 
     async def _xattrs(self, inode, name=None):
-        node = self.ns.resolve(inode)
+        node = await self._resolve(inode)
         if name is not None and not node.inline and not name.startswith(XATTR_PREFIX):
             return {}       # synthetic nodes keep user.imagefs.* only: ls -l's ACL questions need no thread
         return await _call(node, node.xattrs, self.ns)
 
     @_errors_to_errno
     async def setxattr(self, inode, name, value, ctx):
-        node = self.ns.resolve(inode)
+        node = await self._resolve(inode)
         await _call(node, node.setxattr, self.ns, name, value)
 
     @_errors_to_errno
     async def removexattr(self, inode, name, ctx):
-        node = self.ns.resolve(inode)
+        node = await self._resolve(inode)
         await _call(node, node.removexattr, self.ns, name)
 
     # --- the filesystem ---------------------------------------------------------------------

@@ -25,16 +25,22 @@ MAX_CACHED_CHUNKS = 4096        # merged maps kept (a 64 GiB disk read end to en
 
 
 class DiskChain:
-    """``DiskChain(top_path, opener, names=None)``: ``opener(path)`` returns a handle
-    with ``pread(offset, length)`` and ``close()`` for a datastore-relative path;
-    ``names`` are the datastore's names a parent hint may use (hints.py)."""
+    """``DiskChain(top_path, opener, names=None, shared=None)``: ``opener(path)`` returns
+    a handle with ``pread(offset, length)`` and ``close()`` for a datastore-relative path;
+    ``names`` are the datastore's names a parent hint may use (hints.py). ``shared(path)``,
+    if given, returns a Disk that other chains may hold too (imagefs.diskpool; its owner
+    closes it), or None for a disk this chain opens and closes itself."""
 
-    def __init__(self, top_path, opener, names=None):
+    def __init__(self, top_path, opener, names=None, shared=None):
         self.layers = []
+        self._own = []
         path = top_path
         try:
             while True:
-                disk = Disk(path, opener, names)
+                disk = shared(path) if shared is not None else None
+                if disk is None:
+                    disk = Disk(path, opener, names)
+                    self._own.append(disk)
                 if self.layers:
                     self._check_link(self.layers[-1], disk)
                 self.layers.append(disk)
@@ -124,7 +130,7 @@ class DiskChain:
         return ChainFile(self)
 
     def close(self):
-        for layer in self.layers:
+        for layer in self._own:
             layer.close()
 
     def __enter__(self):

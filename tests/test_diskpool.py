@@ -1,0 +1,148 @@
+"""The layer disks of a store are shared by all its chains, with bounded descriptors and
+disks kept, and a file reopened after its descriptor went must be the same file."""
+import gc
+import io
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from imagefs.datastore import open_datastore
+from imagefs.errors import NotFound
+from imagefs.store import ImageStore
+
+from helpers import make_tar
+
+DEPTH = 12
+DATA = os.urandom(3 << 20)      # spans many grains and a few grain tables
+
+
+def _delta(root, image_id, parent):
+    d = os.path.join(root, "VIC", "s", "images", image_id)
+    os.makedirs(os.path.join(d, "imageMetadata"))
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", "-b", f"../{parent}/{parent}.vmdk", "-F", "vmdk",
+                    os.path.join(d, f"{image_id}.vmdk")], check=True)
+    open(os.path.join(d, "manifest"), "w").close()
+
+
+@pytest.fixture(scope="module")
+def chained(tmp_path_factory):
+    """``base`` (a file of DATA) and d1..d12, each an empty delta over the one before."""
+    root = str(tmp_path_factory.mktemp("pool") / "ds")
+    st = ImageStore(open_datastore(root))
+    st.create_store("s", capacity="64MiB")
+    st.write_image("s", "scratch", "base", io.BytesIO(make_tar([("data", "file", {"data": DATA})])))
+    parent = "base"
+    for i in range(1, DEPTH + 1):
+        _delta(root, f"d{i}", parent)
+        parent = f"d{i}"
+    return root
+
+
+def open_files():
+    """The files this process has descriptors open on."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return out
+
+
+def fds_into(root):
+    return sum(path.startswith(root) for path in open_files())
+
+
+def read_data(tree):
+    return tree.read(tree.resolve("/data"), 0, len(DATA))
+
+
+def test_chains_share_their_disks(chained):
+    st = ImageStore(open_datastore(chained))
+    top, mid = st.tree("s", f"d{DEPTH}"), st.tree("s", "d5")
+    assert len(top.chain.layers) == DEPTH + 2           # d12..d1, base, scratch
+    assert top.chain.layers[DEPTH - 5] is mid.chain.layers[0]
+    assert all(a is b for a, b in zip(top.chain.layers[DEPTH - 5:], mid.chain.layers))
+    assert read_data(top) == read_data(mid) == DATA
+
+
+def test_descriptors_stay_bounded_and_reads_stay_right(chained):
+    gc.collect()                # stores of other tests let go of their descriptors
+    before = fds_into(chained)
+    st = ImageStore(open_datastore(chained))
+    st.disks.max_open = 3
+    trees = [st.tree("s", f"d{i}") for i in range(1, DEPTH + 1)]
+    for tree in trees + trees[::-1]:
+        assert read_data(tree) == DATA
+        assert fds_into(chained) - before <= 3
+    assert st.disks.open_files <= 3
+
+
+def test_disks_kept_are_bounded(chained):
+    st = ImageStore(open_datastore(chained))
+    st.disks.max_disks = 4
+    for i in range(1, DEPTH + 1):
+        assert read_data(st.tree("s", f"d{i}")) == DATA
+        assert st.disks.kept_disks <= 4
+
+
+@pytest.fixture
+def leaf(chained):
+    """A leaf image of its own over d12, removed afterwards."""
+    d = os.path.join(chained, "VIC", "s", "images", "leaf")
+    _delta(chained, "leaf", f"d{DEPTH}")
+    yield os.path.join(d, "leaf.vmdk")
+    shutil.rmtree(d)
+
+
+LEAF = "VIC/s/images/leaf/leaf.vmdk"
+
+
+def _evict_all(st):
+    st.disks.max_open = 1
+    st.disks.file("VIC/s/images/d1/d1.vmdk").pread(0, 1)     # another file takes the only slot
+
+
+def test_a_file_replaced_meanwhile_is_not_read_as_the_old_one(chained, leaf):
+    st = ImageStore(open_datastore(chained))
+    old_disk = st.disks.disk(LEAF)
+    pooled = st.disks.file(LEAF)
+    head = pooled.pread(0, 4096)
+    _evict_all(st)
+    shutil.copy(leaf, leaf + ".new")            # same bytes, another file
+    os.replace(leaf + ".new", leaf)
+    with pytest.raises(NotFound, match="replaced"):
+        pooled.pread(0, 4096)
+    assert st.disks.file(LEAF).pread(0, 4096) == head
+    assert st.disks.disk(LEAF) is not old_disk
+    assert read_data(st.tree("s", "leaf")) == DATA
+
+
+def test_a_file_deleted_meanwhile_reads_as_not_found(chained, leaf):
+    st = ImageStore(open_datastore(chained))
+    pooled = st.disks.file(LEAF)
+    pooled.pread(0, 4096)
+    _evict_all(st)
+    os.unlink(leaf)
+    with pytest.raises(NotFound, match="deleted"):
+        pooled.pread(0, 4096)
+
+
+def test_a_kept_disk_is_shared_while_its_file_is_the_same(chained, leaf):
+    st = ImageStore(open_datastore(chained))
+    disk = st.disks.disk(LEAF)
+    _evict_all(st)
+    assert st.disks.disk(LEAF) is disk
+    assert read_data(st.tree("s", "leaf")) == DATA
+
+
+def test_forgetting_an_image_lets_go_of_its_files(chained, leaf):
+    st = ImageStore(open_datastore(chained))
+    assert read_data(st.tree("s", "leaf")) == DATA
+    before = st.disks.kept_disks
+    assert leaf in open_files()
+    st.forget_image_files("s", "leaf")
+    assert st.disks.kept_disks == before - 1
+    assert leaf not in open_files()
