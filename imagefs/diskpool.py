@@ -47,6 +47,11 @@ class PooledFile:
     def pread(self, offset, length):
         return self._handle().pread(offset, length)
 
+    def advise(self, offset, length):
+        handle = self.handle         # a hint: a closed file is not opened for it
+        if handle is not None:
+            handle.advise(offset, length)
+
     def size(self):
         """The file's size (streamOptimized extents look for their footer at the end)."""
         handle = self._handle()

@@ -484,6 +484,18 @@ class FileMap:
         self.runs = sorted(runs, key=lambda r: r[0])
         self.starts = [r[0] for r in self.runs]
 
+    def advise(self, offset, length):
+        """Tell the disk that bytes ``[offset, offset + length)`` of the file will be read soon."""
+        end = min(self.size, offset + length)
+        bs = self.geo.block_size
+        i = max(0, bisect.bisect_right(self.starts, offset // bs) - 1)
+        for lblk, pblk, count in self.runs[i:]:
+            start, stop = max(offset, lblk * bs), min(end, (lblk + count) * bs)
+            if lblk * bs >= end:
+                break
+            if start < stop and pblk is not None:
+                self.geo.chain.advise(pblk * bs + start - lblk * bs, stop - start)
+
     def read(self, offset, length):
         """``length`` bytes from ``offset`` (short at end of file); holes read as zeros."""
         end = min(self.size, offset + length)

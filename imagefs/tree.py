@@ -198,6 +198,13 @@ class ImageTree:
         except _READ_ERRORS as e:
             raise CorruptDisk(f"{self.name}: cannot read inode {ino} ({e})") from None
 
+    def advise(self, ino, offset, size):
+        """Hint that ``size`` bytes of file ``ino`` from ``offset`` will be read soon (read-ahead
+        of the layer files; nothing for block-mapped files)."""
+        fmap = self.file_map(ino)
+        if fmap is not None:
+            fmap.advise(offset, size)
+
     def file_map(self, ino):
         """The extent map of a regular file or symlink, or None when it is not extent-mapped."""
         return self._cached("map", ino, lambda: self._map_file(ino),

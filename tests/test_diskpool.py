@@ -1,15 +1,18 @@
 """The layer disks of a store are shared by all its chains, with bounded descriptors and
-disks kept, and a file reopened after its descriptor went must be the same file."""
+disks kept, and a file reopened after its descriptor went must be the same file; read-ahead
+hints reach the layer files that hold a file's bytes."""
 import gc
 import io
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
 from imagefs.datastore import open_datastore
 from imagefs.errors import NotFound
+from imagefs.fuse import prefetch
 from imagefs.store import ImageStore
 
 from helpers import make_tar
@@ -146,3 +149,57 @@ def test_forgetting_an_image_lets_go_of_its_files(chained, leaf):
     st.forget_image_files("s", "leaf")
     assert st.disks.kept_disks == before - 1
     assert leaf not in open_files()
+
+
+def resident(path):
+    """Bytes of ``path`` in the page cache."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.strip())
+
+
+def evict(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def wait_resident(path, at_least, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while resident(path) < at_least and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return resident(path)
+
+
+def test_advice_on_a_file_reads_its_layer_file_ahead(chained):
+    """The bytes of /data live in base's delta, below 5 empty layers: advising the file
+    must bring exactly those parts of base.vmdk into memory."""
+    st = ImageStore(open_datastore(chained))
+    tree = st.tree("s", "d5")
+    ino = tree.resolve("/data")
+    base = os.path.join(chained, "VIC", "s", "images", "base", "base.vmdk")
+    evict(base)
+    assert resident(base) < len(DATA) // 4
+    tree.advise(ino, 0, len(DATA))
+    assert wait_resident(base, len(DATA)) >= len(DATA)
+
+
+def test_a_sequential_reader_gets_the_layer_file_read_ahead(chained, monkeypatch):
+    monkeypatch.setattr(prefetch, "WINDOW", 512 << 10)
+    st = ImageStore(open_datastore(chained))
+    tree = st.tree("s", "d5")
+    ino = tree.resolve("/data")
+    base = os.path.join(chained, "VIC", "s", "images", "base", "base.vmdk")
+    evict(base)
+    pf = prefetch.Prefetcher()
+    try:
+        data = tree.read(ino, 0, 64 << 10)      # a reader at the start of the file
+        read = resident(base)                   # (with what the kernel read ahead for it)
+        pf.after_read(1 << 40, tree, ino, len(DATA), 0, len(data))
+        # the next AHEAD windows (512 KiB each, not read yet) are read ahead from base.vmdk
+        want = read + prefetch.AHEAD * (512 << 10)
+        assert wait_resident(base, want) >= want
+    finally:
+        pf.close()

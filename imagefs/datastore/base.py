@@ -31,6 +31,9 @@ class ReadHandle(ABC):
     @abstractmethod
     def close(self): ...
 
+    def advise(self, offset, length):
+        """Say that ``[offset, offset + length)`` will be read soon (a hint; may do nothing)."""
+
     def identity(self):
         """What tells this file from another one later found under the same name (e.g. device,
         inode, size, mtime), or None where the backend cannot tell; imagefs.diskpool shares

@@ -37,6 +37,10 @@ class LocalReadHandle(ReadHandle):
 
     __del__ = close
 
+    def advise(self, offset, length):
+        if self.fd >= 0:
+            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
     def identity(self):
         st = os.fstat(self.fd)
         return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns

@@ -68,7 +68,7 @@ class TreeFile(Handle):
 
     async def read(self, off, size):
         data = self._tree.read(self._ext4_ino, off, size)
-        self._ns.prefetcher.after_read(self._ino, self._tree, self._ext4_ino, self._size, off)
+        self._ns.prefetcher.after_read(self._ino, self._tree, self._ext4_ino, self._size, off, len(data))
         return data
 
     def release(self):

@@ -125,6 +125,22 @@ class DiskChain:
                 i += 1
         return out[0] if len(out) == 1 else b"".join(out)
 
+    def advise(self, offset, length):
+        """Tell the layer files holding ``[offset, offset + length)`` of the virtual disk that
+        it will be read soon (the local datastore starts reading it in the background), so
+        a reader's next preads find it in memory."""
+        end = min(offset + length, self.size)
+        while 0 <= offset < end:
+            starts, runs = self._map(offset // CHUNK)
+            stop = min(end, runs[-1][1])
+            for start, run_end, kind, src, where in runs[bisect_right(starts, offset) - 1:]:
+                if start >= stop:
+                    break
+                if kind == DATA:
+                    a, b = max(start, offset), min(run_end, stop)
+                    src.advise(where + (a - start), b - a)
+            offset = stop
+
     def file(self):
         """A new seekable read-only file object over the chain (one per thread)."""
         return ChainFile(self)

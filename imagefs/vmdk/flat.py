@@ -9,7 +9,7 @@ import os
 import secrets
 
 from .descriptor import Descriptor, ExtentLine
-from .runs import DATA, SECTOR, ZERO, check_sector
+from .runs import DATA, SECTOR, ZERO, _advise, check_sector
 
 
 class FlatExtent:
@@ -58,6 +58,9 @@ class _ZeroPadded:
     def pread(self, offset, length):
         data = self.handle.pread(offset, length)
         return data if len(data) == length else data + bytes(length - len(data))
+
+    def advise(self, offset, length):
+        _advise(self.handle, offset, length)
 
 
 def write_vmfs_descriptor(path, flat_path, capacity):

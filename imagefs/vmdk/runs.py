@@ -71,6 +71,9 @@ class GrainMapped:
     def pread(self, offset, length):
         return self.handle.pread(offset, length)
 
+    def advise(self, offset, length):
+        _advise(self.handle, offset, length)
+
     def _init_maps(self):
         self._gd_blocks = {}
         self._tables = {}
@@ -230,6 +233,13 @@ def _patterns(width, count):
     ones = int.from_bytes((b"\1" + bytes(width - 1)) * count, "little")
     ramp = int.from_bytes(array("Q" if width == 8 else "I", range(count)).tobytes(), "little")
     return ones, ramp
+
+
+def _advise(handle, offset, length):
+    """Pass a read-soon hint to a handle that takes one (the datastore's do; others may not)."""
+    advise = getattr(handle, "advise", None)
+    if advise is not None:
+        advise(offset, length)
 
 
 def _add(out, start, end, kind, source, where):
