@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 
+from benchlib import drop_caches, timed
+
 DATA = "/var/tmp/imagefs-bench"
 WORK = "/var/tmp/imagefs-bench-fuse"
 MAKE_DATA = "/work/shared/bench/make-bench-data.py"
@@ -43,18 +45,6 @@ TREE = "tree"
 
 def sh(*argv, **kw):
     return subprocess.run(argv, check=True, capture_output=True, text=True, **kw)
-
-
-def drop_caches():
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3")
-
-
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def ensure_data(data):

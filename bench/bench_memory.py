@@ -26,6 +26,8 @@ import sys
 import tarfile
 import time
 
+from benchlib import drop_caches, empty_delta_image
+
 DATA = "/var/tmp/imagefs-bench"
 WORK = "/var/tmp/imagefs-bench-memory"
 PYTHON = sys.executable
@@ -78,14 +80,8 @@ def ensure_many_images(parent, n):
     """``n`` empty deltas, each over the one before (qemu-img, as a writer leaves them)."""
     ids = [f"many{i:04d}" for i in range(n)]
     for i, image_id in enumerate(ids):
-        d = os.path.join(images_dir(), image_id)
-        if os.path.exists(os.path.join(d, "manifest")):
-            continue
-        below = ids[i - 1] if i else parent
-        os.makedirs(os.path.join(d, "imageMetadata"), exist_ok=True)
-        subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", "-b", f"../{below}/{below}.vmdk", "-F", "vmdk",
-                        os.path.join(d, f"{image_id}.vmdk")], check=True)
-        open(os.path.join(d, "manifest"), "w").close()
+        if not os.path.exists(os.path.join(images_dir(), image_id, "manifest")):
+            empty_delta_image(images_dir(), image_id, ids[i - 1] if i else parent)
     return ids
 
 
@@ -114,9 +110,7 @@ def main(argv):
     many_ids = ensure_many_images(walk_ids[-1], many)
     mnt = os.path.join(WORK, "mnt")
     os.makedirs(mnt, exist_ok=True)
-    subprocess.run(["sync"], check=True)
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3")
+    drop_caches()
     imagefs("mount", mnt, "-o", f"log={os.path.join(WORK, 'daemon.log')}")
     samples = []
     try:

@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 
+from benchlib import empty_delta_image, timed
+
 PYTHON = sys.executable
 
 
@@ -35,20 +37,10 @@ def grow(ds, n, have):
     for i in range(have, n):
         image_id = f"img{i:05d}"
         parent = f"img{i - 1:05d}" if i % 2 and i else "scratch"
-        d = os.path.join(images, image_id)
-        os.makedirs(os.path.join(d, "imageMetadata"))
-        subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", "-b", f"../{parent}/{parent}.vmdk", "-F", "vmdk",
-                        os.path.join(d, f"{image_id}.vmdk")], check=True)
-        with open(os.path.join(d, "imageMetadata", "name"), "w") as f:
+        empty_delta_image(images, image_id, parent)
+        with open(os.path.join(images, image_id, "imageMetadata", "name"), "w") as f:
             f.write(image_id)
-        open(os.path.join(d, "manifest"), "w").close()
     return n
-
-
-def timed(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def one_run(ds, mnt, n):
