@@ -50,6 +50,8 @@ _EXT_INDEX = struct.Struct("<IIHH")     # index: ei_block, ei_leaf_lo, ei_leaf_h
 # written layer has a handful per file), directories up to 64 MiB, symlinks up to
 # PATH_MAX, xattr values up to the VFS's 64 KiB.
 MAX_GDT_BYTES = 64 << 20
+ITABLE_READ = 64 << 10          # bytes of inode table read (and cached) at once, as ext4's own
+                                # inode read-ahead: a directory's inodes mostly lie together
 MAX_EXTENT_NODES = 65536
 MAX_EXTENTS = 1 << 16
 MAX_DIR_BYTES = 64 << 20
@@ -84,11 +86,12 @@ class Geometry:
         gdt = chain.pread((first_data_block + 1) * self.block_size, n_groups * desc_size)
         if len(gdt) != n_groups * desc_size:
             raise CorruptDisk("group descriptor table is truncated")
+        self._span = max(ITABLE_READ, self.block_size)
         if cache is None:
-            self._table_block = functools.lru_cache(maxsize=256)(self._read_block)
-        else:       # inode-table blocks share the tree's cache (imagefs/cache.py)
-            self._table_block = lambda block: cache.get((token, "itable", block), lambda: self._read_block(block),
-                                                        _block_cost)
+            self._table_span = functools.lru_cache(maxsize=64)(self._read_span)
+        else:       # inode-table pieces share the tree's cache (imagefs/cache.py)
+            self._table_span = lambda span: cache.get((token, "itable", span), lambda: self._read_span(span),
+                                                      _block_cost)
         self.inode_tables = []      # per group: first block of its inode table
         self.used_in_group = []     # per group: how many inodes from the start may be in use
         for g in range(n_groups):
@@ -134,16 +137,32 @@ class Geometry:
                     yield ino, rec
 
     def record(self, ino):
+        """The raw inode record of ``ino`` (a number ``in_use`` says may exist)."""
         group, index = divmod(ino - 1, self.inodes_per_group)
-        block, within = divmod(self.inode_tables[group] * self.block_size + index * self.inode_size,
-                               self.block_size)
-        return self._table_block(block)[within:within + self.inode_size]
+        span, within = divmod(self.inode_tables[group] * self.block_size + index * self.inode_size, self._span)
+        rec = self._table_span(span)[within:within + self.inode_size]
+        if len(rec) != self.inode_size:
+            raise CorruptDisk(f"the inode table of inode {ino} lies beyond the disk")
+        return rec
 
-    def _read_block(self, block):
-        data = self.chain.pread(block * self.block_size, self.block_size)
-        if len(data) != self.block_size:
-            raise CorruptDisk(f"inode table block {block} lies beyond the disk")
-        return data
+    def records(self, inos):
+        """The raw records of many inodes (``in_use`` numbers), each piece of table fetched once."""
+        spans, isz, ipg, tables, size = {}, self.inode_size, self.inodes_per_group, self.inode_tables, self._span
+        out = []
+        for ino in inos:
+            group, index = divmod(ino - 1, ipg)
+            span, within = divmod(tables[group] * self.block_size + index * isz, size)
+            data = spans.get(span)
+            if data is None:
+                data = spans[span] = self._table_span(span)
+            rec = data[within:within + isz]
+            if len(rec) != isz:
+                raise CorruptDisk(f"the inode table of inode {ino} lies beyond the disk")
+            out.append(rec)
+        return out
+
+    def _read_span(self, span):
+        return self.chain.pread(span * self._span, self._span)     # short at the end of the disk
 
 
 def _check_superblock(geo, blocks, first_data_block, blocks_per_group, desc_size, disk_size):
@@ -190,19 +209,19 @@ class Stat(NamedTuple):
         return statmod.S_ISLNK(self.mode)
 
 
-_INODE_HEAD = struct.Struct("<HHIIIIIHHII")     # mode .. flags (offsets 0x00-0x23)
-_INODE_HI = struct.Struct("<IIIIHHHH")          # generation, file_acl_lo, size_hi, obso_faddr, blocks_hi .. gid_hi
-_INODE_EXTRA = struct.Struct("<HHIII")          # extra_isize, checksum_hi, ctime_extra, mtime_extra, atime_extra
+# one unpack of what stat needs (offsets 0x00-0x8F): mode .. flags at 0x00-0x23, i_block and
+# generation skipped, file_acl_lo and size_hi at 0x68, blocks_hi .. gid_hi at 0x74-0x7B, then
+# extra_isize, checksum_hi, ctime_extra, mtime_extra, atime_extra at 0x80-0x8F
+_INODE_STAT = struct.Struct("<HHIIIIIHHII68xII4xHHHH4xHHIII")
 
 
 def decode_stat(rec, ino, block_size):
     """The Stat of a raw inode record; CorruptDisk for features imagefs does not read."""
-    (mode, uid_lo, size_lo, atime, ctime, mtime, _dtime, gid_lo, nlink, blocks_lo,
-     flags) = _INODE_HEAD.unpack_from(rec)
+    (mode, uid_lo, size_lo, atime, ctime, mtime, _dtime, gid_lo, nlink, blocks_lo, flags,
+     _acl, size_hi, blocks_hi, _acl_hi, uid_hi, gid_hi,
+     extra_isize, _csum, ctime_x, mtime_x, atime_x) = _INODE_STAT.unpack_from(rec)
     if flags & INLINE_DATA_FL:
         raise CorruptDisk(f"inode {ino} uses inline_data, which is not supported")
-    _gen, _acl, size_hi, _faddr, blocks_hi, _acl_hi, uid_hi, gid_hi = _INODE_HI.unpack_from(rec, 0x64)
-    extra_isize, _csum, ctime_x, mtime_x, atime_x = _INODE_EXTRA.unpack_from(rec, 0x80)
     if extra_isize < 16:
         ctime_x = mtime_x = atime_x = 0
     blocks = blocks_lo | (blocks_hi << 32)
@@ -421,18 +440,19 @@ def _check_unique(entries):
 
 def _parse_dir_block(data, pos, end, entries):
     big = end - pos >= 65536
+    unpack, append = _DIRENT.unpack_from, entries.append     # (the walk's inner loop)
     while pos + 8 <= end:
-        ino, rec_len, name_len, _ftype = _DIRENT.unpack_from(data, pos)
+        ino, rec_len, name_len, _ftype = unpack(data, pos)
         if big:     # ext4_rec_len_from_disk: 64 KiB blocks keep two more length bits
             rec_len = end - pos if rec_len in (0, 65535) else (rec_len & 65532) | ((rec_len & 3) << 16)
         if rec_len < 8 or pos + rec_len > end or 8 + name_len > rec_len:
             raise CorruptDisk("bad directory entry")
         if ino:
             name = data[pos + 8:pos + 8 + name_len]
-            if name not in (b".", b".."):
-                if not name or b"/" in name or b"\0" in name:
+            if name_len > 2 or (name != b"." and name != b".."):
+                if not name_len or b"/" in name or b"\0" in name:
                     raise CorruptDisk(f"bad directory entry name {name!r}")
-                entries.append((name, ino))
+                append((name, ino))
         pos += rec_len
 
 

@@ -103,9 +103,17 @@ class ImageTree:
 
     def entries(self, ino):
         """Entries of directory ``ino`` as a tuple of (name bytes, Stat)."""
-        stat = self.stat
-        return self._cached("entries", ino, lambda: tuple((name, stat(child)) for name, child in self.readdir(ino)),
-                            _per_entry)
+        return self._cached("entries", ino, lambda: self._entries(ino), _per_entry)
+
+    def _entries(self, ino):
+        # the children's records straight from the inode table (readdir checked their numbers),
+        # not one cache entry per child: a listing is what a walk asks for, once
+        children, bs = self.readdir(ino), self.block_size
+        try:
+            records = self.geo.records([child for _, child in children])
+            return tuple((name, ext4.decode_stat(rec, child, bs)) for (name, child), rec in zip(children, records))
+        except CorruptDisk as e:
+            raise CorruptDisk(f"{self.name}: directory inode {ino}: {e}") from None
 
     def _readdir(self, ino):
         if not self.stat(ino).is_dir:
