@@ -32,7 +32,7 @@ def test_a_short_fuzz_run_finds_nothing(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if " executions, " in ln]
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert [ln.split(":")[0] for ln in lines] == ["ext4", "tar", "vmdk"]
+    assert [ln.split(":")[0] for ln in lines] == ["ext4", "formats", "tar", "vmdk"]
     for ln in lines:
         assert "30 executions" in ln and " 0 failures" in ln
         assert int(ln.split(", ")[1].split()[0]) > 0, ln      # the mutations do reach the readers
@@ -187,3 +187,93 @@ def test_a_negative_owner_in_a_tar_is_one_line(tmp_path, field):
     proc = subprocess.run(IMAGEFS + ["--datastore", ds, "image", "write", "s", "scratch", "x", str(tar)],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and proc.stderr.splitlines() == [f"imagefs: f: {field} -5 is out of range"]
+
+
+def test_ctrl_c_stops_a_campaign_started_in_the_background(tmp_path):
+    """A shell starts a job put in the background with SIGINT ignored; `kill -INT` (or Ctrl-C
+    after `fg`) must still stop the campaign, with its summary line and status 130."""
+    import signal
+    import time
+    seeds(CACHE)
+    proc = subprocess.Popen([sys.executable, "-m", "fuzz.run", "tar", "--seconds", "300",
+                             "--crashes", str(tmp_path / "crashes")], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        time.sleep(5)
+        assert proc.poll() is None, proc.stdout.read()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith("tar: ") and " executions, " in summary and " 0 failures" in summary, out
+
+
+# --- crafted inputs of the formats target (fuzz/format_seeds.py) ------------------------------
+@pytest.fixture(scope="module")
+def format_ds(seed_dir):
+    from fuzz.format_seeds import format_seeds
+    return os.path.join(format_seeds(os.path.dirname(seed_dir)), "ds")
+
+
+def copy_store(format_ds, where, store):
+    ds = os.path.join(where, "ds")
+    shutil.copytree(os.path.join(format_ds, "VIC", store), os.path.join(ds, "VIC", store))
+    return ds
+
+
+def read_everything(ds, store, image):
+    """The image's tree walked and exported, as the CLI and the mount would."""
+    from imagefs.datastore import open_datastore
+    from imagefs.export import export_diff
+    from imagefs.store import ImageStore
+    tree = ImageStore(open_datastore(ds)).tree(store, image)
+    try:
+        for chunk in export_diff(tree, None):
+            pass
+    finally:
+        tree.chain.close()
+
+
+def sesparse_far_grain(path):
+    """The first allocated grain-table entry points 2^59 grains away (past any file and
+    past what pread takes: OverflowError)."""
+    from fuzz.disk_mutate import SES_CONST, _ses_entry
+    with open(path, "r+b") as f:
+        fields = SES_CONST.unpack(f.read(SES_CONST.size))
+        gts = fields[18] * SECTOR
+        f.seek(gts)
+        table = f.read(4096 * 8)
+        first = next(i for i in range(4096) if struct.unpack_from("<Q", table, 8 * i)[0] >> 60 == 3)
+        f.seek(gts + 8 * first)
+        f.write(struct.pack("<Q", _ses_entry(1 << 59)))
+
+
+def extent_is_a_directory(path):
+    os.unlink(path)
+    os.mkdir(path)
+
+
+FORMAT_CASES = {
+    "an SEsparse grain beyond any file": ("sesparse", "l1", "l1-sesparse.vmdk", sesparse_far_grain, "beyond any"),
+    "a COWD extent that is a directory": ("vmfssparse", "l1", "l1-delta.vmdk", extent_is_a_directory,
+                                          "Is a directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORMAT_CASES))
+def test_found_in_the_formats_campaign(format_ds, tmp_path, case):
+    from imagefs.errors import CorruptDisk
+    store, image, name, corrupt, reason = FORMAT_CASES[case]
+    ds = copy_store(format_ds, tmp_path, store)
+    corrupt(os.path.join(ds, "VIC", store, "images", image, name))
+    with pytest.raises(CorruptDisk) as e:
+        read_everything(ds, store, image)
+    assert reason in str(e.value) and name in str(e.value), e.value
+    proc = subprocess.run(IMAGEFS + ["--datastore", ds, "export", store, image, "-o", str(tmp_path / "x.tar")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1 and reason in proc.stderr, proc.stderr

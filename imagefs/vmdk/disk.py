@@ -14,7 +14,7 @@ from . import cowd, hosted_sparse, sesparse
 from .descriptor import MAX_DESCRIPTOR, NO_PARENT_CID, Descriptor, ExtentLine, parse_descriptor
 from .flat import FlatExtent, ZeroExtent
 from .hints import resolve_hint
-from .runs import HOLE, SECTOR
+from .runs import HOLE, MAX_SECTOR, SECTOR
 
 FIRST_READ = 64 * 1024          # header and embedded descriptor in one read
 _EXTENT_TYPE_OF_CREATE = {
@@ -199,10 +199,33 @@ def _open_extent(line, path, opener):
 
 def _open(opener, path, what="disk file", missing_ok=False):
     try:
-        return opener(path)
+        return _CheckedHandle(opener(path), path)
     except FileNotFoundError:
         if missing_ok:
             raise
         raise CorruptDisk(f"{path}: {what} is missing (broken chain)") from None
     except OSError as e:        # a name that opens no file (too long, a directory, no permission...)
         raise CorruptDisk(f"{path[:200]}: cannot open the {what} ({e.strerror or e})") from None
+
+
+class _CheckedHandle:
+    """A disk file's handle whose reads fail as one CorruptDisk naming the file: an I/O
+    error, a directory where a file should be, or an offset no VMDK file has (a corrupt
+    table entry; the OS would raise OverflowError for some)."""
+
+    def __init__(self, handle, path):
+        self._handle, self.path = handle, path
+
+    def pread(self, offset, length):
+        if not 0 <= offset <= MAX_SECTOR * SECTOR - length:
+            raise CorruptDisk(f"{self.path}: read at offset {offset} is beyond any disk file")
+        try:
+            return self._handle.pread(offset, length)
+        except OSError as e:
+            raise CorruptDisk(f"{self.path}: read failed: {e.strerror or e}") from None
+
+    def close(self):
+        self._handle.close()
+
+    def __getattr__(self, name):        # size, fd...: what the datastore's handle has
+        return getattr(self._handle, name)
