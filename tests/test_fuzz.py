@@ -277,3 +277,25 @@ def test_found_in_the_formats_campaign(format_ds, tmp_path, case):
     proc = subprocess.run(IMAGEFS + ["--datastore", ds, "export", store, image, "-o", str(tmp_path / "x.tar")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1 and reason in proc.stderr, proc.stderr
+
+
+def test_extent_lines_naming_one_file_share_one_descriptor(tmp_path):
+    """Found checking the caps of the new formats: 60,000 extent lines fit in a descriptor's 1 MiB; each
+    opened its file anew, so one disk took every descriptor the process may have (EMFILE
+    for everything else the mount was serving) before failing."""
+    from imagefs.datastore.local import LocalReadHandle
+    from imagefs.vmdk import DiskChain
+    data = os.urandom(8 * SECTOR)
+    (tmp_path / "f").write_bytes(data)
+    lines = ["# Disk DescriptorFile", "version=1", "CID=12345678", "parentCID=ffffffff",
+             'createType="twoGbMaxExtentFlat"'] + ['RW 1 FLAT "f" %d' % (i % 8) for i in range(60000)]
+    (tmp_path / "d.vmdk").write_text("\n".join(lines) + "\n")
+    before = len(os.listdir("/proc/self/fd"))
+    chain = DiskChain("d.vmdk", lambda p: LocalReadHandle(os.path.join(tmp_path, p)))
+    try:
+        assert len(os.listdir("/proc/self/fd")) - before <= 1
+        assert chain.size == 60000 * SECTOR
+        assert chain.pread(9 * SECTOR + 100, 2 * SECTOR) == (data + data)[9 * SECTOR + 100 - 8 * SECTOR:][:2 * SECTOR]
+    finally:
+        chain.close()
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -128,9 +128,10 @@ class Disk:
                 handle.close()
                 handle = None
                 files = iter(self.info.extent_files)
-                for line in self.info.descriptor.extents:
+                handles = {}        # one per file, however many lines name it (a corrupt
+                for line in self.info.descriptor.extents:       # descriptor: 65,536 times)
                     self.extents.append(ZeroExtent(line.sectors) if line.type == "ZERO"
-                                        else _open_extent(line, next(files), opener))
+                                        else _open_extent(line, next(files), opener, handles))
         except BaseException:
             if handle is not None:
                 handle.close()
@@ -179,8 +180,10 @@ class Disk:
         self.extents = []
 
 
-def _open_extent(line, path, opener):
-    handle = _open(opener, path, what="extent file")
+def _open_extent(line, path, opener, handles):
+    handle = handles.get(path)
+    if handle is None:
+        handle = handles[path] = _open(opener, path, what="extent file")
     try:
         if line.type in ("FLAT", "VMFS"):
             return FlatExtent(path, handle, line.sectors, line.offset)
@@ -215,6 +218,7 @@ class _CheckedHandle:
 
     def __init__(self, handle, path):
         self._handle, self.path = handle, path
+        self._closed = False
 
     def pread(self, offset, length):
         if not 0 <= offset <= MAX_SECTOR * SECTOR - length:
@@ -224,8 +228,10 @@ class _CheckedHandle:
         except OSError as e:
             raise CorruptDisk(f"{self.path}: read failed: {e.strerror or e}") from None
 
-    def close(self):
-        self._handle.close()
+    def close(self):            # extents sharing the handle each close it
+        if not self._closed:
+            self._closed = True
+            self._handle.close()
 
     def __getattr__(self, name):        # size, fd...: what the datastore's handle has
         return getattr(self._handle, name)
