@@ -33,10 +33,14 @@ class Target:
         self.errors = 0
 
     def guarded(self, fn, *args):
-        """fn(*args), or None after a clear error (an ImageFSError)."""
+        """fn(*args), or None after a clear error: an ImageFSError of one non-empty line (what
+        the CLI prints after "imagefs: " and the mount logs)."""
         try:
             return fn(*args)
-        except ImageFSError:
+        except ImageFSError as e:
+            text = str(e)
+            if not text.strip() or "\n" in text or "\r" in text:
+                raise AssertionError(f"an error that is not one line: {text!r}") from e
             self.errors += 1
             return None
 

@@ -14,7 +14,7 @@ from . import cowd, hosted_sparse, sesparse
 from .descriptor import MAX_DESCRIPTOR, NO_PARENT_CID, Descriptor, ExtentLine, parse_descriptor
 from .flat import FlatExtent, ZeroExtent
 from .hints import resolve_hint
-from .runs import HOLE, MAX_SECTOR, SECTOR
+from .runs import HOLE, MAX_SECTOR, SECTOR, held_ranges
 
 FIRST_READ = 64 * 1024          # header and embedded descriptor in one read
 _EXTENT_TYPE_OF_CREATE = {
@@ -128,10 +128,12 @@ class Disk:
                 handle.close()
                 handle = None
                 files = iter(self.info.extent_files)
-                handles = {}        # one per file, however many lines name it (a corrupt
-                for line in self.info.descriptor.extents:       # descriptor: 65,536 times)
+                # a file named by many lines (a corrupt descriptor: 60,000 times in its 1 MiB)
+                # is opened and parsed once: its descriptor, grain tables and caches are shared
+                opened, parsed = {}, {}
+                for line in self.info.descriptor.extents:
                     self.extents.append(ZeroExtent(line.sectors) if line.type == "ZERO"
-                                        else _open_extent(line, next(files), opener, handles))
+                                        else _extent(line, next(files), opener, opened, parsed))
         except BaseException:
             if handle is not None:
                 handle.close()
@@ -180,10 +182,41 @@ class Disk:
         self.extents = []
 
 
-def _open_extent(line, path, opener, handles):
-    handle = handles.get(path)
+def _extent(line, path, opener, opened, parsed):
+    """The extent of one line; a sparse file parsed for an earlier line is shared."""
+    shared = parsed.get((path, line.type))
+    if shared is not None:
+        return _Span(shared, line.sectors)
+    handle = opened.get(path)
     if handle is None:
-        handle = handles[path] = _open(opener, path, what="extent file")
+        handle = opened[path] = _open(opener, path, what="extent file")
+    extent = _open_extent(line, path, handle)
+    if line.type not in ("FLAT", "VMFS"):
+        parsed[(path, line.type)] = extent
+    return extent
+
+
+class _Span:
+    """Another extent line naming a sparse file already parsed: its first ``sectors``."""
+
+    def __init__(self, extent, sectors):
+        if sectors > extent.capacity:
+            raise CorruptDisk(f"{extent.path}: descriptor gives {sectors} sectors, the extent holds "
+                              f"{extent.capacity}")
+        self.extent, self.size = extent, sectors * SECTOR
+        self.path, self.compressed = extent.path, extent.compressed
+
+    def runs(self, lo, hi):
+        return self.extent.runs(lo, hi)
+
+    def allocated(self):
+        return held_ranges(self.extent.runs(0, self.size))
+
+    def close(self):            # the extent's own line closes it
+        pass
+
+
+def _open_extent(line, path, handle):
     try:
         if line.type in ("FLAT", "VMFS"):
             return FlatExtent(path, handle, line.sectors, line.offset)

@@ -85,7 +85,7 @@ class SesparseExtent(GrainMapped):
         check_geometry(path, self.grain_size, self.entries, h.capacity * SECTOR)
         if sectors > h.capacity:
             raise CorruptDisk(f"{path}: descriptor gives {sectors} sectors, the extent holds {h.capacity}")
-        self.size = sectors * SECTOR
+        self.size, self.capacity = sectors * SECTOR, h.capacity
         self.n_tables = -(-h.capacity * SECTOR // (self.grain_size * self.entries))
         if h.grain_dir_size * SECTOR // 8 < self.n_tables:
             raise CorruptDisk(f"{path}: SEsparse grain directory is too small for the capacity")
