@@ -16,7 +16,6 @@ read the way users read it: the store's look-ups, the tree, the export):
 Built once into the fuzz cache (about a minute: seven layer writes) and reused.
 """
 import io
-import json
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ import tarfile
 from imagefs.datastore import open_datastore
 from imagefs.store import ImageStore
 
-from .seeds import BASE, CHILD, STORE, _stage, seeds
+from .seeds import BASE, CHILD, STORE, _stage, cached, seeds
 
 VERSION = "1"
 DS_NAME = "ds1"                 # the datastore name the hints of the mixed store use
@@ -169,11 +168,5 @@ def _locks(ds):
 def format_seeds(cache):
     """The seed directory (made if missing): ds/ with one store per case."""
     base_seeds = seeds(cache)
-    where = os.path.join(cache, f"format-seeds-v{VERSION}")
-    if not os.path.exists(os.path.join(where, "done.json")):
-        shutil.rmtree(where, ignore_errors=True)
-        os.makedirs(where)
-        build(where, base_seeds)
-        with open(os.path.join(where, "done.json"), "w") as f:
-            json.dump({"version": VERSION, "cases": CASES}, f)
-    return where
+    return cached(cache, f"format-seeds-v{VERSION}", lambda where: build(where, base_seeds),
+                  {"version": VERSION, "cases": CASES})
