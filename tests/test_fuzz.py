@@ -327,3 +327,28 @@ def test_extent_lines_naming_one_sparse_file_share_its_tables(format_ds, tmp_pat
     finally:
         tracemalloc.stop()
     assert held < 64 << 20, held
+
+
+def test_a_corrupt_layer_of_one_format_is_eio_while_the_other_formats_are_served(format_ds, tmp_path):
+    """Through the mount: an SEsparse layer whose grain lies past any file gives EIO and one
+    log line; the vmfsSparse and mixed stores of the same datastore are served meanwhile."""
+    ds = os.path.join(tmp_path, "ds")
+    for store in ("sesparse", "vmfssparse", "mixed"):
+        shutil.copytree(os.path.join(format_ds, "VIC", store), os.path.join(ds, "VIC", store))
+    sesparse_far_grain(os.path.join(ds, "VIC", "sesparse", "images", "l1", "l1-sesparse.vmdk"))
+    log = tmp_path / "imagefs.log"
+    with mounted(ds, tmp_path / "mnt", options=(f"log={log}",)) as m:
+        bad = os.path.join(m, "sesparse", "images", "l1", "rootfs")
+        for _ in range(3):
+            with pytest.raises(OSError) as e:
+                os.listdir(bad)
+            assert e.value.errno == errno.EIO
+        for store, image in (("vmfssparse", "l1"), ("mixed", "l3")):
+            root = os.path.join(m, store, "images", image, "rootfs")
+            with open(os.path.join(root, "data", "hardlink"), "rb") as f:
+                assert f.read() == bytes(range(256)) * 800
+            assert len(os.listdir(os.path.join(root, "many"))) == 300
+        assert sorted(os.listdir(os.path.join(m, "mixed", "images", "l3", "rootfs", "l3"))) == ["a", "b"]
+        assert wait_for(lambda: "beyond any" in log.read_text())
+        lines = [ln for ln in log.read_text().splitlines() if "beyond any" in ln]
+        assert len(lines) == 1, lines
