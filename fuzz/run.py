@@ -1,4 +1,4 @@
-"""Run the fuzz campaign: ``python -m fuzz.run [vmdk|ext4|tar|all] [options]``.
+"""Run the fuzz campaign: ``python -m fuzz.run [vmdk|formats|ext4|tar|all] [options]``.
 
 Engines: ``random`` (seeded, reproducible: failure I of seed S replays with
 ``--seed S --only I``) and ``atheris`` (coverage-guided over imagefs's code; a failing
@@ -9,6 +9,13 @@ ImageFSError, is a good outcome: counted, not a failure.
 
 Prints one line per target: executions, clear errors, failures, time. Exit 1 if anything
 failed; each failure's input and traceback go to ``--crashes`` (default fuzz/crashes/).
+
+Ctrl-C (SIGINT) or SIGTERM stops the campaign: the current target's line is printed and the
+exit status is 128 + the signal. Both are handled even where the process was started with
+SIGINT ignored (what a shell does to a job it puts in the background with ``&``, so that
+``kill -INT`` of a long campaign did nothing), and the runner also stops between executions
+when the KeyboardInterrupt itself was lost in the code it interrupted (a ctypes callback, a
+``__del__``: Python prints "Exception ignored" there and carries on).
 """
 import argparse
 import gc
@@ -30,6 +37,19 @@ class Hang(BaseException):
 
 def _alarm(signum, frame):
     raise Hang("execution exceeded its time limit")
+
+
+STOP = []                       # the signal that asked the campaign to stop
+
+
+def _stop(signum, frame):
+    STOP.append(signum)
+    raise KeyboardInterrupt
+
+
+def stop_on_signals():
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
 
 
 class Runner:
@@ -80,10 +100,13 @@ def run_random(target, args):
     runner = Runner(target, args)
     indices = [args.only] if args.only is not None else range(args.runs or 10**12)
     deadline = time.monotonic() + args.seconds if args.seconds else None
-    for i in indices:
-        if deadline and time.monotonic() > deadline:
-            break
-        runner.one(RandomChoices(f"{target.name}:{args.seed}:{i}"), f"seed{args.seed}-{i}")
+    try:
+        for i in indices:
+            if STOP or (deadline and time.monotonic() > deadline):
+                break
+            runner.one(RandomChoices(f"{target.name}:{args.seed}:{i}"), f"seed{args.seed}-{i}")
+    except KeyboardInterrupt:
+        STOP.append(STOP[-1] if STOP else signal.SIGINT)
     runner.summary()
     return runner.failures
 
@@ -94,18 +117,26 @@ def run_atheris(target, args):
     runner = Runner(target, args)
     deadline = time.monotonic() + args.seconds if args.seconds else None
 
+    def finish(status):
+        runner.summary()
+        sys.stdout.flush()
+        os._exit(status)
+
     def one_input(data):
+        if STOP:
+            finish(128 + STOP[-1])
         if (args.runs and runner.runs >= args.runs) or (deadline and time.monotonic() > deadline):
-            runner.summary()
-            sys.stdout.flush()
-            os._exit(1 if runner.failures else 0)
+            finish(1 if runner.failures else 0)
         label = f"atheris-{runner.runs}"
         if runner.failures < 50:
             path = os.path.join(args.crashes, f"{target.name}-{label}.input")
             os.makedirs(args.crashes, exist_ok=True)
             runner.last_input = (path, data)
         before = runner.failures
-        runner.one(AtherisChoices(atheris.FuzzedDataProvider(data)), label)
+        try:
+            runner.one(AtherisChoices(atheris.FuzzedDataProvider(data)), label)
+        except KeyboardInterrupt:
+            finish(128 + (STOP[-1] if STOP else signal.SIGINT))
         if runner.failures > before:
             with open(runner.last_input[0], "wb") as f:
                 f.write(data)
@@ -124,8 +155,9 @@ def run_atheris(target, args):
 
 
 def main(argv=None):
+    stop_on_signals()
     p = argparse.ArgumentParser(prog="python -m fuzz.run")
-    p.add_argument("target", nargs="?", default="all", choices=["vmdk", "ext4", "tar", "all"])
+    p.add_argument("target", nargs="?", default="all", choices=["vmdk", "formats", "ext4", "tar", "all"])
     p.add_argument("--runs", type=int, help="executions per target")
     p.add_argument("--seconds", type=float, help="time per target")
     p.add_argument("--seed", type=int, default=1)
@@ -154,10 +186,17 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="imagefs-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm")
                                      else None) as work:
         for name in names:
+            if STOP:
+                break
             target = TARGETS[name](seed_dir, work)
             failures += (run_atheris if args.engine == "atheris" else run_random)(target, args)
+    if STOP:
+        return 128 + STOP[-1]
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:           # while seeds were made or a target set up
+        sys.exit(128 + (STOP[-1] if STOP else signal.SIGINT))

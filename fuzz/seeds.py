@@ -4,6 +4,7 @@ layer tars written by GNU tar, bsdtar and Python's tarfile.
 
 Built once into a cache directory (a few seconds) and reused.
 """
+import fcntl
 import io
 import json
 import os
@@ -133,12 +134,24 @@ def build_tars(where):
 
 def seeds(cache):
     """The seed directory (made if missing): ds/ (a datastore), base.raw, tars/."""
-    where = os.path.join(cache, f"seeds-v{VERSION}")
-    if not os.path.exists(os.path.join(where, "done.json")):
-        shutil.rmtree(where, ignore_errors=True)
-        os.makedirs(where)
+    def make(where):
         build_disks(where)
         build_tars(where)
-        with open(os.path.join(where, "done.json"), "w") as f:
-            json.dump({"version": VERSION}, f)
+    return cached(cache, f"seeds-v{VERSION}", make)
+
+
+def cached(cache, name, make, meta=None):
+    """``cache``/``name``, made by ``make(where)`` unless a whole one is there. One process
+    makes it while others wait (the suite and a campaign may start together)."""
+    where = os.path.join(cache, name)
+    done = os.path.join(where, "done.json")
+    os.makedirs(cache, exist_ok=True)
+    with open(os.path.join(cache, f".{name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(done):
+            shutil.rmtree(where, ignore_errors=True)
+            os.makedirs(where)
+            make(where)
+            with open(done, "w") as f:
+                json.dump(meta or {"name": name}, f)
     return where

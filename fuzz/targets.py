@@ -3,8 +3,10 @@ way users do (through ImageStore: descriptor look-ups, DiskChain, the tree, the 
 layer extractor for tars) and returns the number of clear errors met. Anything but a result or
 an ImageFSError escapes as the bug it is (the runner also turns hangs and huge allocations
 into failures)."""
+import atexit
 import io
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -16,7 +18,7 @@ from imagefs.export import export_diff
 from imagefs.store import ImageStore
 from imagefs.tree import ROOT_INO, ImageTree
 
-from . import mutate
+from . import disk_mutate, mutate
 from .choices import pick
 from .seeds import BASE, CHILD, STORE
 
@@ -31,10 +33,14 @@ class Target:
         self.errors = 0
 
     def guarded(self, fn, *args):
-        """fn(*args), or None after a clear error (an ImageFSError)."""
+        """fn(*args), or None after a clear error: an ImageFSError of one non-empty line (what
+        the CLI prints after "imagefs: " and the mount logs)."""
         try:
             return fn(*args)
-        except ImageFSError:
+        except ImageFSError as e:
+            text = str(e)
+            if not text.strip() or "\n" in text or "\r" in text:
+                raise AssertionError(f"an error that is not one line: {text!r}") from e
             self.errors += 1
             return None
 
@@ -259,3 +265,154 @@ class TarTarget(Target):
 
 
 TARGETS = {t.name: t for t in (VmdkTarget, Ext4Target, TarTarget)}
+
+
+class FormatsTarget(Target):
+    """Mutations of the files of a store in every VMDK format (fuzz/format_seeds.py): text
+    descriptors and parent links, KDMV headers, grain directories and tables, streamOptimized
+    markers, deflate data and footers, COWD and SEsparse headers and tables, flat files cut
+    short, files removed or standing in for each other. Each input is read as users read it
+    (the store's look-ups, the tree, an export) and as a bare chain (every grain it maps)."""
+    name = "formats"
+    MAX_CHAIN_READ = 4 << 20         # bytes read per execution through the bare chain
+
+    def __init__(self, seed_dir, work_dir):
+        from .format_seeds import CASES, DS_NAME, format_seeds
+        super().__init__(seed_dir, work_dir)
+        self.seed_ds = os.path.join(format_seeds(os.path.dirname(seed_dir)), "ds")
+        self.ds_name, self.cases = DS_NAME, {}
+        # hard links of the unchanged files need the seeds' filesystem (flat files are GiBs, sparse)
+        self.work_dir = tempfile.mkdtemp(prefix="formats-work-", dir=os.path.dirname(self.seed_ds))
+        atexit.register(shutil.rmtree, self.work_dir, True)
+        st = ImageStore(open_datastore(self.seed_ds))
+        for store in CASES:
+            images = sorted(i.id for i in st.list_images(store))
+            top = next(i for i in images if not st.children(store, i))
+            files, loaded = {}, {}
+            store_dir = os.path.join(self.seed_ds, "VIC", store)
+            for d, _, names in os.walk(store_dir):
+                for n in names:
+                    rel = os.path.relpath(os.path.join(d, n), self.seed_ds)
+                    if not n.endswith(".vmdk"):
+                        continue
+                    with open(os.path.join(d, n), "rb") as f:
+                        head = f.read(1 << 16)
+                    kind = disk_mutate.classify(head)
+                    files[rel] = kind
+                    if kind != "flat":
+                        with open(os.path.join(d, n), "rb") as f:
+                            data = f.read()
+                        loaded[rel] = (data, disk_mutate.regions(kind, data))
+            cids = {rel: m.group(1).decode() for rel, (data, _) in loaded.items()
+                    for m in [re.search(rb"\nCID=([0-9a-fA-F]+)\n", data[:1 << 16])] if m}
+            self.cases[store] = {"top": top, "images": [top] + st.ancestors(store, top), "files": files,
+                                 "loaded": loaded, "ctx": disk_mutate.DiskContext(files, cids, DS_NAME)}
+
+    def __call__(self, choices):
+        store = pick(choices, sorted(self.cases))
+        case = self.cases[store]
+        changed, cut, gone = {}, {}, set()
+        for _ in range(choices.int(1, 4)):
+            rel = pick(choices, sorted(case["files"]))
+            kind = case["files"][rel]
+            op = choices.int(0, 15)
+            if op == 0:
+                gone.add(rel)
+            elif op == 1 and case["loaded"]:         # another disk file stands in for this one
+                changed[rel] = bytearray(case["loaded"][pick(choices, sorted(case["loaded"]))][0])
+            elif kind == "flat":
+                cut[rel] = choices.int(0, 1 << 24)
+            else:
+                buf = changed.setdefault(rel, bytearray(case["loaded"][rel][0]))
+                disk_mutate.mutate_file(buf, kind, case["loaded"][rel][1], rel, case["ctx"], choices)
+        ds = os.path.join(self.fresh_dir(), "ds")
+        self.materialize(store, ds, changed, cut, gone)
+        self.exercise_store(ds, store, case)
+        return changed
+
+    def materialize(self, store, ds, changed, cut, gone):
+        """The seed store at ``ds``: unchanged files hard-linked, changed ones written."""
+        src_root = os.path.join(self.seed_ds, "VIC", store)
+        for d, _, names in os.walk(src_root):
+            out_dir = os.path.join(ds, os.path.relpath(d, self.seed_ds))
+            os.makedirs(out_dir, exist_ok=True)
+            for n in names:
+                src = os.path.join(d, n)
+                rel = os.path.relpath(src, self.seed_ds)
+                dst = os.path.join(out_dir, n)
+                if rel in gone:
+                    continue
+                if rel in changed:
+                    with open(dst, "wb") as f:
+                        f.write(changed[rel])
+                elif rel in cut:
+                    sparse_copy(src, dst, cut[rel])
+                else:
+                    os.link(src, dst)
+
+    def exercise_store(self, ds, store, case):
+        st = ImageStore(open_datastore(ds))
+        for image_id in case["images"]:
+            self.guarded(st.get_image, store, image_id)
+            self.guarded(st.ancestors, store, image_id)
+            self.guarded(st.layer_disk, store, image_id)
+        self.guarded(st.list_images, store)
+        top, parent = case["images"][0], case["images"][1]
+        tree = self.guarded(st.tree, store, top)
+        if tree is not None:
+            try:
+                self.walk(tree)
+                old = self.guarded(st.tree, store, parent)
+                if old is not None:
+                    try:
+                        self.guarded(self.consume, export_diff(tree, old))
+                    finally:
+                        old.chain.close()
+            finally:
+                tree.chain.close()
+        self.read_chain(ds, st, store, top)
+
+    def read_chain(self, ds, st, store, top):
+        """The top disk as a bare chain, hints resolved with the datastore's names: every
+        grain each layer maps, up to MAX_CHAIN_READ bytes, and both ends of the disk."""
+        from imagefs.datastore.local import LocalReadHandle
+        from imagefs.store import _disk_path
+        from imagefs.vmdk import DiskChain
+        chain = self.guarded(DiskChain, _disk_path(store, top), lambda p: LocalReadHandle(os.path.join(ds, p)),
+                             (self.ds_name, "5e3f-uuid"))
+        if chain is None:
+            return
+        try:
+            budget = self.MAX_CHAIN_READ
+            for layer in chain.layers:
+                for lo, hi in self.guarded(layer.allocated) or ():
+                    n = min(hi - lo, 256 << 10, budget)
+                    if n <= 0:
+                        break
+                    self.guarded(chain.pread, lo, n)
+                    budget -= n
+            self.guarded(chain.pread, 0, 4096)
+            self.guarded(chain.pread, max(0, chain.size - 4096), 8192)
+        finally:
+            chain.close()
+
+
+def sparse_copy(src, dst, limit):
+    """Copy the first ``limit`` bytes of ``src`` to ``dst``, holes kept (flat files are GiBs)."""
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        size = min(limit, os.fstat(fi.fileno()).st_size)
+        pos = 0
+        while pos < size:
+            try:
+                pos = os.lseek(fi.fileno(), pos, os.SEEK_DATA)
+            except OSError:             # ENXIO: no data after pos
+                break
+            end = min(size, os.lseek(fi.fileno(), pos, os.SEEK_HOLE))
+            while pos < end:
+                chunk = os.pread(fi.fileno(), min(1 << 20, end - pos), pos)
+                os.pwrite(fo.fileno(), chunk, pos)
+                pos += len(chunk)
+        fo.truncate(size)
+
+
+TARGETS[FormatsTarget.name] = FormatsTarget

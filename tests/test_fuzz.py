@@ -3,6 +3,7 @@ and tar readers, and the bugs it found, each as a crafted input that must give a
 one line and exit 1 through the CLI, EIO and one log line through the mount while the rest is
 served. The long campaign is ``python -m fuzz.run`` (docs/reliability.md)."""
 import errno
+import gc
 import os
 import shutil
 import struct
@@ -32,7 +33,7 @@ def test_a_short_fuzz_run_finds_nothing(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if " executions, " in ln]
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert [ln.split(":")[0] for ln in lines] == ["ext4", "tar", "vmdk"]
+    assert [ln.split(":")[0] for ln in lines] == ["ext4", "formats", "tar", "vmdk"]
     for ln in lines:
         assert "30 executions" in ln and " 0 failures" in ln
         assert int(ln.split(", ")[1].split()[0]) > 0, ln      # the mutations do reach the readers
@@ -187,3 +188,167 @@ def test_a_negative_owner_in_a_tar_is_one_line(tmp_path, field):
     proc = subprocess.run(IMAGEFS + ["--datastore", ds, "image", "write", "s", "scratch", "x", str(tar)],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and proc.stderr.splitlines() == [f"imagefs: f: {field} -5 is out of range"]
+
+
+def test_ctrl_c_stops_a_campaign_started_in_the_background(tmp_path):
+    """A shell starts a job put in the background with SIGINT ignored; `kill -INT` (or Ctrl-C
+    after `fg`) must still stop the campaign, with its summary line and status 130."""
+    import signal
+    import time
+    seeds(CACHE)
+    proc = subprocess.Popen([sys.executable, "-m", "fuzz.run", "tar", "--seconds", "300",
+                             "--crashes", str(tmp_path / "crashes")], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        time.sleep(5)
+        assert proc.poll() is None, proc.stdout.read()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith("tar: ") and " executions, " in summary and " 0 failures" in summary, out
+
+
+# --- crafted inputs of the formats target (fuzz/format_seeds.py) ------------------------------
+@pytest.fixture(scope="module")
+def format_ds(seed_dir):
+    from fuzz.format_seeds import format_seeds
+    return os.path.join(format_seeds(os.path.dirname(seed_dir)), "ds")
+
+
+def copy_store(format_ds, where, store):
+    ds = os.path.join(where, "ds")
+    shutil.copytree(os.path.join(format_ds, "VIC", store), os.path.join(ds, "VIC", store))
+    return ds
+
+
+def read_everything(ds, store, image):
+    """The image's tree walked and exported, as the CLI and the mount would."""
+    from imagefs.datastore import open_datastore
+    from imagefs.export import export_diff
+    from imagefs.store import ImageStore
+    tree = ImageStore(open_datastore(ds)).tree(store, image)
+    try:
+        for chunk in export_diff(tree, None):
+            pass
+    finally:
+        tree.chain.close()
+
+
+def sesparse_far_grain(path):
+    """The first allocated grain-table entry points 2^59 grains away (past any file and
+    past what pread takes: OverflowError)."""
+    from fuzz.disk_mutate import SES_CONST, _ses_entry
+    with open(path, "r+b") as f:
+        fields = SES_CONST.unpack(f.read(SES_CONST.size))
+        gts = fields[18] * SECTOR
+        f.seek(gts)
+        table = f.read(4096 * 8)
+        first = next(i for i in range(4096) if struct.unpack_from("<Q", table, 8 * i)[0] >> 60 == 3)
+        f.seek(gts + 8 * first)
+        f.write(struct.pack("<Q", _ses_entry(1 << 59)))
+
+
+def extent_is_a_directory(path):
+    os.unlink(path)
+    os.mkdir(path)
+
+
+FORMAT_CASES = {
+    "an SEsparse grain beyond any file": ("sesparse", "l1", "l1-sesparse.vmdk", sesparse_far_grain, "beyond any"),
+    "a COWD extent that is a directory": ("vmfssparse", "l1", "l1-delta.vmdk", extent_is_a_directory,
+                                          "Is a directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORMAT_CASES))
+def test_found_in_the_formats_campaign(format_ds, tmp_path, case):
+    from imagefs.errors import CorruptDisk
+    store, image, name, corrupt, reason = FORMAT_CASES[case]
+    ds = copy_store(format_ds, tmp_path, store)
+    corrupt(os.path.join(ds, "VIC", store, "images", image, name))
+    with pytest.raises(CorruptDisk) as e:
+        read_everything(ds, store, image)
+    assert reason in str(e.value) and name in str(e.value), e.value
+    proc = subprocess.run(IMAGEFS + ["--datastore", ds, "export", store, image, "-o", str(tmp_path / "x.tar")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1 and reason in proc.stderr, proc.stderr
+
+
+def test_extent_lines_naming_one_file_share_one_descriptor(tmp_path):
+    """Found checking the caps of the new formats: 60,000 extent lines fit in a descriptor's 1 MiB; each
+    opened its file anew, so one disk took every descriptor the process may have (EMFILE
+    for everything else the mount was serving) before failing."""
+    from imagefs.datastore.local import LocalReadHandle
+    from imagefs.vmdk import DiskChain
+    data = os.urandom(8 * SECTOR)
+    (tmp_path / "f").write_bytes(data)
+    lines = ["# Disk DescriptorFile", "version=1", "CID=12345678", "parentCID=ffffffff",
+             'createType="twoGbMaxExtentFlat"'] + ['RW 1 FLAT "f" %d' % (i % 8) for i in range(60000)]
+    (tmp_path / "d.vmdk").write_text("\n".join(lines) + "\n")
+    gc.collect()                # handles other tests left for the collector close now, not during this one
+    before = len(os.listdir("/proc/self/fd"))
+    chain = DiskChain("d.vmdk", lambda p: LocalReadHandle(os.path.join(tmp_path, p)))
+    try:
+        assert len(os.listdir("/proc/self/fd")) - before <= 1
+        assert chain.size == 60000 * SECTOR
+        assert chain.pread(9 * SECTOR + 100, 2 * SECTOR) == (data + data)[9 * SECTOR + 100 - 8 * SECTOR:][:2 * SECTOR]
+    finally:
+        chain.close()
+    assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_extent_lines_naming_one_sparse_file_share_its_tables(format_ds, tmp_path):
+    """Found checking the caps: each of 10,000 lines naming one SEsparse file parsed it anew
+    with grain-table caches of its own, so reading 39 MiB of the disk kept 348 MiB (a full
+    1 MiB descriptor: about 2 GiB) and took 25 s."""
+    import tracemalloc
+    from imagefs.datastore.local import LocalReadHandle
+    from imagefs.vmdk import DiskChain
+    shutil.copy(os.path.join(format_ds, "VIC", "sesparse", "images", "l1", "l1-sesparse.vmdk"), tmp_path / "s")
+    lines = ["# Disk DescriptorFile", "version=1", "CID=12345678", "parentCID=ffffffff",
+             'createType="seSparse"'] + ['RW 8 SESPARSE "s"'] * 10000
+    (tmp_path / "d.vmdk").write_text("\n".join(lines) + "\n")
+    tracemalloc.start()
+    try:
+        chain = DiskChain("d.vmdk", lambda p: LocalReadHandle(os.path.join(tmp_path, p)))
+        try:
+            first = chain.pread(0, 4096)
+            for pos in range(0, chain.size, 1 << 20):
+                assert chain.pread(pos, 4096) == first       # every line maps the file's first grain
+            held = tracemalloc.get_traced_memory()[0]
+        finally:
+            chain.close()
+    finally:
+        tracemalloc.stop()
+    assert held < 64 << 20, held
+
+
+def test_a_corrupt_layer_of_one_format_is_eio_while_the_other_formats_are_served(format_ds, tmp_path):
+    """Through the mount: an SEsparse layer whose grain lies past any file gives EIO and one
+    log line; the vmfsSparse and mixed stores of the same datastore are served meanwhile."""
+    ds = os.path.join(tmp_path, "ds")
+    for store in ("sesparse", "vmfssparse", "mixed"):
+        shutil.copytree(os.path.join(format_ds, "VIC", store), os.path.join(ds, "VIC", store))
+    sesparse_far_grain(os.path.join(ds, "VIC", "sesparse", "images", "l1", "l1-sesparse.vmdk"))
+    log = tmp_path / "imagefs.log"
+    with mounted(ds, tmp_path / "mnt", options=(f"log={log}",)) as m:
+        bad = os.path.join(m, "sesparse", "images", "l1", "rootfs")
+        for _ in range(3):
+            with pytest.raises(OSError) as e:
+                os.listdir(bad)
+            assert e.value.errno == errno.EIO
+        for store, image in (("vmfssparse", "l1"), ("mixed", "l3")):
+            root = os.path.join(m, store, "images", image, "rootfs")
+            with open(os.path.join(root, "data", "hardlink"), "rb") as f:
+                assert f.read() == bytes(range(256)) * 800
+            assert len(os.listdir(os.path.join(root, "many"))) == 300
+        assert sorted(os.listdir(os.path.join(m, "mixed", "images", "l3", "rootfs", "l3"))) == ["a", "b"]
+        assert wait_for(lambda: "beyond any" in log.read_text())
+        lines = [ln for ln in log.read_text().splitlines() if "beyond any" in ln]
+        assert len(lines) == 1, lines

@@ -33,7 +33,7 @@ class CowdExtent(GrainMapped):
         check_geometry(path, self.grain_size, self.entries, capacity * SECTOR)
         if sectors > capacity:
             raise CorruptDisk(f"{path}: descriptor gives {sectors} sectors, the extent holds {capacity}")
-        self.size = sectors * SECTOR
+        self.size, self.capacity = sectors * SECTOR, capacity
         needed = -(-capacity * SECTOR // (self.grain_size * GT_ENTRIES))
         if gd_entries < needed or not gd_sector:
             raise CorruptDisk(f"{path}: grain directory has {gd_entries} entries, the capacity needs {needed}")

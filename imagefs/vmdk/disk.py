@@ -14,7 +14,7 @@ from . import cowd, hosted_sparse, sesparse
 from .descriptor import MAX_DESCRIPTOR, NO_PARENT_CID, Descriptor, ExtentLine, parse_descriptor
 from .flat import FlatExtent, ZeroExtent
 from .hints import resolve_hint
-from .runs import HOLE, SECTOR
+from .runs import HOLE, MAX_SECTOR, SECTOR, held_ranges
 
 FIRST_READ = 64 * 1024          # header and embedded descriptor in one read
 _EXTENT_TYPE_OF_CREATE = {
@@ -128,9 +128,12 @@ class Disk:
                 handle.close()
                 handle = None
                 files = iter(self.info.extent_files)
+                # a file named by many lines (a corrupt descriptor: 60,000 times in its 1 MiB)
+                # is opened and parsed once: its descriptor, grain tables and caches are shared
+                opened, parsed = {}, {}
                 for line in self.info.descriptor.extents:
                     self.extents.append(ZeroExtent(line.sectors) if line.type == "ZERO"
-                                        else _open_extent(line, next(files), opener))
+                                        else _extent(line, next(files), opener, opened, parsed))
         except BaseException:
             if handle is not None:
                 handle.close()
@@ -179,8 +182,41 @@ class Disk:
         self.extents = []
 
 
-def _open_extent(line, path, opener):
-    handle = _open(opener, path, what="extent file")
+def _extent(line, path, opener, opened, parsed):
+    """The extent of one line; a sparse file parsed for an earlier line is shared."""
+    shared = parsed.get((path, line.type))
+    if shared is not None:
+        return _Span(shared, line.sectors)
+    handle = opened.get(path)
+    if handle is None:
+        handle = opened[path] = _open(opener, path, what="extent file")
+    extent = _open_extent(line, path, handle)
+    if line.type not in ("FLAT", "VMFS"):
+        parsed[(path, line.type)] = extent
+    return extent
+
+
+class _Span:
+    """Another extent line naming a sparse file already parsed: its first ``sectors``."""
+
+    def __init__(self, extent, sectors):
+        if sectors > extent.capacity:
+            raise CorruptDisk(f"{extent.path}: descriptor gives {sectors} sectors, the extent holds "
+                              f"{extent.capacity}")
+        self.extent, self.size = extent, sectors * SECTOR
+        self.path, self.compressed = extent.path, extent.compressed
+
+    def runs(self, lo, hi):
+        return self.extent.runs(lo, hi)
+
+    def allocated(self):
+        return held_ranges(self.extent.runs(0, self.size))
+
+    def close(self):            # the extent's own line closes it
+        pass
+
+
+def _open_extent(line, path, handle):
     try:
         if line.type in ("FLAT", "VMFS"):
             return FlatExtent(path, handle, line.sectors, line.offset)
@@ -199,10 +235,36 @@ def _open_extent(line, path, opener):
 
 def _open(opener, path, what="disk file", missing_ok=False):
     try:
-        return opener(path)
+        return _CheckedHandle(opener(path), path)
     except FileNotFoundError:
         if missing_ok:
             raise
         raise CorruptDisk(f"{path}: {what} is missing (broken chain)") from None
     except OSError as e:        # a name that opens no file (too long, a directory, no permission...)
         raise CorruptDisk(f"{path[:200]}: cannot open the {what} ({e.strerror or e})") from None
+
+
+class _CheckedHandle:
+    """A disk file's handle whose reads fail as one CorruptDisk naming the file: an I/O
+    error, a directory where a file should be, or an offset no VMDK file has (a corrupt
+    table entry; the OS would raise OverflowError for some)."""
+
+    def __init__(self, handle, path):
+        self._handle, self.path = handle, path
+        self._closed = False
+
+    def pread(self, offset, length):
+        if not 0 <= offset <= MAX_SECTOR * SECTOR - length:
+            raise CorruptDisk(f"{self.path}: read at offset {offset} is beyond any disk file")
+        try:
+            return self._handle.pread(offset, length)
+        except OSError as e:
+            raise CorruptDisk(f"{self.path}: read failed: {e.strerror or e}") from None
+
+    def close(self):            # extents sharing the handle each close it
+        if not self._closed:
+            self._closed = True
+            self._handle.close()
+
+    def __getattr__(self, name):        # size, fd...: what the datastore's handle has
+        return getattr(self._handle, name)

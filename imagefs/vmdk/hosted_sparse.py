@@ -29,7 +29,7 @@ GD_AT_END = 0xFFFFFFFFFFFFFFFF
 COMPRESS_DEFLATE = 1
 MARKER_FOOTER = 3
 MAX_DESC_SECTORS = 2048         # 1 MiB of embedded descriptor at most
-GRAIN_CACHE = 32                # decompressed grains kept per compressed extent
+GRAIN_CACHE = 2 << 20           # bytes of decompressed grains kept per compressed extent (32 of 64 KiB)
 MAX_COMPRESSED_GRAIN = 1 << 20  # bytes; qemu and VMware write 64 KiB
 
 
@@ -75,7 +75,7 @@ class HostedSparseExtent(GrainMapped):
         check_geometry(path, self.grain_size, self.entries, header.capacity * SECTOR)
         if self.compressed and self.grain_size > MAX_COMPRESSED_GRAIN:
             raise CorruptDisk(f"{path}: compressed grains of {self.grain_size} bytes are not supported")
-        self.size = sectors * SECTOR
+        self.size, self.capacity = sectors * SECTOR, header.capacity
         if sectors > header.capacity:
             raise CorruptDisk(f"{path}: descriptor gives {sectors} sectors, the extent holds {header.capacity}")
         span = self.grain_size * self.entries
@@ -134,7 +134,7 @@ class HostedSparseExtent(GrainMapped):
         if len(data) < self.grain_size:
             data += bytes(self.grain_size - len(data))  # a short last grain
         with self._grain_lock:
-            if len(self._grains) >= GRAIN_CACHE:
+            if len(self._grains) >= max(1, GRAIN_CACHE // self.grain_size):
                 self._grains.pop(next(iter(self._grains)), None)
             self._grains[offset] = data
         return data

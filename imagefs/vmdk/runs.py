@@ -173,14 +173,19 @@ class GrainMapped:
 
     def allocated(self):
         """(start, end) byte ranges this extent holds itself: data or zero, not holes."""
-        ranges = []
-        for lo, hi, kind, _, _ in self.runs(0, self.size):
-            if kind != HOLE:
-                if ranges and ranges[-1][1] == lo:
-                    ranges[-1] = (ranges[-1][0], hi)
-                else:
-                    ranges.append((lo, hi))
-        return ranges
+        return held_ranges(self.runs(0, self.size))
+
+
+def held_ranges(runs):
+    """The (start, end) ranges of ``runs`` that are not holes, adjacent ones merged."""
+    ranges = []
+    for lo, hi, kind, _, _ in runs:
+        if kind != HOLE:
+            if ranges and ranges[-1][1] == lo:
+                ranges[-1] = (ranges[-1][0], hi)
+            else:
+                ranges.append((lo, hi))
+    return ranges
 
 
 def run_end(table, i, value, step, limit):

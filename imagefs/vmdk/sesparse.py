@@ -17,7 +17,7 @@ import struct
 from array import array
 
 from ..errors import CorruptDisk
-from .runs import SECTOR, GrainMapped, check_geometry, check_sector, progression, run_end
+from .runs import MAX_SECTOR, SECTOR, GrainMapped, check_geometry, check_sector, progression, run_end
 
 CONST_MAGIC = 0xCAFEBABE
 VOLATILE_MAGIC = 0xCAFECAFE
@@ -85,7 +85,7 @@ class SesparseExtent(GrainMapped):
         check_geometry(path, self.grain_size, self.entries, h.capacity * SECTOR)
         if sectors > h.capacity:
             raise CorruptDisk(f"{path}: descriptor gives {sectors} sectors, the extent holds {h.capacity}")
-        self.size = sectors * SECTOR
+        self.size, self.capacity = sectors * SECTOR, h.capacity
         self.n_tables = -(-h.capacity * SECTOR // (self.grain_size * self.entries))
         if h.grain_dir_size * SECTOR // 8 < self.n_tables:
             raise CorruptDisk(f"{path}: SEsparse grain directory is too small for the capacity")
@@ -117,7 +117,7 @@ class SesparseExtent(GrainMapped):
                 j = run_end(entries, i, e, 1 << 48, min(n, i + 0x1000 - (cluster & 0xFFF)))
                 first = base + cluster * GRAIN_SECTORS
                 sectors = progression(first, GRAIN_SECTORS, j - i, 8)
-                if sectors is None:
+                if sectors is None or first + (j - i) * GRAIN_SECTORS > MAX_SECTOR:
                     raise CorruptDisk(f"{self.path}: SEsparse grain beyond any file at entry {i}")
                 out[i:j] = array("Q", sectors.to_bytes((j - i) * 8, "little"))
             elif kind in (T_ZERO, T_UNMAPPED) or e == 0:
