@@ -25,16 +25,19 @@ MAX_CACHED_CHUNKS = 4096        # merged maps kept (a 64 GiB disk read end to en
 
 
 class DiskChain:
-    """``DiskChain(top_path, opener, names=None)``: ``opener(path)`` returns a handle
-    with ``pread(offset, length)`` and ``close()`` for a datastore-relative path;
-    ``names`` are the datastore's names a parent hint may use (hints.py)."""
+    """``DiskChain(top_path, opener, names=None, zero=None)``: ``opener(path)`` returns a
+    handle with ``pread(offset, length)`` and ``close()`` for a datastore-relative path;
+    ``names`` are the datastore's names a parent hint may use (hints.py); ``zero(path)``
+    says whether a disk is known to hold only zeros (Disk's ``zero``: its extents are
+    not read). The link check still applies to such a disk: a child whose parentCID is
+    not the zero disk's CID was not written against it."""
 
-    def __init__(self, top_path, opener, names=None):
+    def __init__(self, top_path, opener, names=None, zero=None):
         self.layers = []
         path = top_path
         try:
             while True:
-                disk = Disk(path, opener, names)
+                disk = Disk(path, opener, names, zero=bool(zero and zero(path)))
                 if self.layers:
                     self._check_link(self.layers[-1], disk)
                 self.layers.append(disk)
