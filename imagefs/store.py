@@ -168,8 +168,7 @@ class ImageStore:
         if create is None:
             return "flat" if isinstance(self.ds, LocalDatastore) else "empty"
         path = f"{_image_dir(store, SCRATCH)}/{scratch_disk.BASE_NAME}"
-        capacity = scratch_disk.parse_size(capacity)
-        capacity -= capacity % (1 << 20)
+        capacity = scratch_disk.scratch_capacity(capacity)
         create(path, capacity)
         info = self.disk_info(path)
         kinds = {line.type for line in info.descriptor.extents}
