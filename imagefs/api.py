@@ -170,7 +170,7 @@ class ImageStore:
         path = unquote(url.removeprefix("ds://"))
         out = []
         for c in self._st.list_containers():
-            if self._st.datastore_path(c.store, c.image) == path and (filter is None or filter(c)):
+            if c.vm is None and self._st.datastore_path(c.store, c.image) == path and (filter is None or filter(c)):
                 out.append(c)
         disk = self._st.ds.relative_path(path)
         if self._st.ds.vms is not None and disk is not None:

@@ -313,9 +313,10 @@ def cmd_container_detach(args):
 
 
 def cmd_container_ls(args):
-    rows = [{"id": c.id, "store": c.store, "image": c.image, "disk": c.disk}
+    rows = [{"id": c.id, "store": c.store, "image": c.image, "disk": c.disk, "vm": c.vm, "repo": c.repo}
             for c in _open_store(args).list_containers()]
-    _emit(args, rows, [f"{r['id']} {r['store']}/{r['image']}" for r in rows])
+    _emit(args, rows, [f"{r['id']} {r['store']}/{r['image']}" + (f" vm={r['vm']}" if r["vm"] else "")
+                       + (f" repo={r['repo']}" if r["repo"] else "") for r in rows])
 
 
 def cmd_container_rm(args):

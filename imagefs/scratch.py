@@ -55,6 +55,15 @@ def parse_size(text):
     return int(value * _UNITS[unit])
 
 
+def scratch_capacity(capacity):
+    """The bytes of a scratch disk asked for as ``capacity`` ('8GB', ...): checked, and
+    whole MiB (a clean multiple of sectors and ext4 blocks)."""
+    capacity = parse_size(capacity)
+    if capacity < MIN_CAPACITY:
+        raise InvalidInput(f"scratch capacity {capacity} is too small (minimum {MIN_CAPACITY} bytes)")
+    return capacity - capacity % (1024 * 1024)
+
+
 BASE_NAME = "scratch-base.vmdk"
 _ALIGN = 64 * 1024              # data ranges of the raw ext4 are rounded out to this
 
@@ -68,10 +77,7 @@ def make_scratch_disk(vmdk_path, capacity=DEFAULT_CAPACITY, workdir=None, disk_f
     the full capacity; "empty" makes that flat file 0 bytes (for datastores where a
     sparse file would be uploaded whole: the missing tail reads as zeros, for imagefs
     and for qemu); a CID string means the datastore made the thin base itself."""
-    capacity = parse_size(capacity)
-    if capacity < MIN_CAPACITY:
-        raise InvalidInput(f"scratch capacity {capacity} is too small (minimum {MIN_CAPACITY} bytes)")
-    capacity -= capacity % (1024 * 1024)  # whole MiB: a clean multiple of sectors and ext4 blocks
+    capacity = scratch_capacity(capacity)
     work = tempfile.mkdtemp(prefix="imagefs-scratch-", dir=workdir or os.environ.get("IMAGEFS_WORKDIR"))
     try:
         skel = os.path.join(work, "skel")

@@ -65,6 +65,8 @@ class Container:
     store: str
     image: str
     disk: str
+    vm: str | None = None       # the VM whose disk it is (joined with --vm), else None
+    repo: str | None = None     # the repository name join recorded (VM-joined containers)
 
 
 def _store_dir(store):
@@ -90,6 +92,18 @@ def _format_file(store):
 def _children_lock(store, image_id):
     """Held (shared) while a child of the image is written, so the image is not deleted under it."""
     return f"{_image_dir(store, image_id)}/.children.lock"
+
+
+def is_zero_base(path):
+    """Is ``path`` a store's empty scratch base (``images/scratch/scratch-base.vmdk``)?
+
+    imagefs makes that disk empty (a thin disk the datastore creates, or a descriptor over
+    a sparse or empty flat file) and never writes it; scratch, its only child, records its
+    CID. So its extents are never read: it reads as zeros, and staging it for qemu fetches
+    nothing but its descriptor. Anything that wrote to it would have given it a new CID
+    (ESXi and qemu do on the first change), and the chain check then refuses scratch."""
+    parts = path.split("/")
+    return len(parts) == 5 and parts[0] == ROOT_DIR and parts[2:] == ["images", SCRATCH, scratch_disk.BASE_NAME]
 
 
 def _container_disk(container_id):
@@ -148,15 +162,22 @@ class ImageStore:
         """What the scratch delta of an ESXi-format store stands on (scratch.make_scratch_disk):
         a thin base the datastore makes itself where it can (``create_thin_disk``, e.g. a
         host's CreateVirtualDisk), a sparse flat file on a local directory, else an empty
-        flat file (a sparse one would be uploaded whole)."""
-        create = getattr(self.ds, "create_thin_disk", None)
+        flat file (a sparse one would be uploaded whole). Whichever it is, it is read as
+        all zeros without reading its extents (open_chain)."""
         if disk_format == DEFAULT_FORMAT:
             return None
-        if create is not None:
-            path = f"{_image_dir(store, SCRATCH)}/{scratch_disk.BASE_NAME}"
-            create(path, scratch_disk.parse_size(capacity) - scratch_disk.parse_size(capacity) % (1 << 20))
-            return self.disk_info(path).cid
-        return "flat" if isinstance(self.ds, LocalDatastore) else "empty"
+        create = getattr(self.ds, "create_thin_disk", None)
+        if create is None:
+            return "flat" if isinstance(self.ds, LocalDatastore) else "empty"
+        path = f"{_image_dir(store, SCRATCH)}/{scratch_disk.BASE_NAME}"
+        capacity = scratch_disk.scratch_capacity(capacity)
+        create(path, capacity)
+        info = self.disk_info(path)
+        kinds = {line.type for line in info.descriptor.extents}
+        if info.has_parent or info.embedded or not kinds <= {"VMFS", "FLAT"} or info.capacity != capacity:
+            raise ImageFSError(f"{path}: the datastore made a {info.create_type} disk of {info.capacity} bytes "
+                               f"with {'/'.join(sorted(kinds))} extents, not an empty thin base of {capacity}")
+        return info.cid
 
     @property
     def default_disk_format(self):
@@ -454,12 +475,12 @@ class ImageStore:
     def open_chain(self, disk, sealed=True):
         """The DiskChain of ``disk``; its layers are shared with every chain of this store
         object (imagefs/diskpool.py), but for a top disk that may still change (``sealed``
-        False: a container's)."""
+        False: a container's) and for a scratch base known to be zeros (not read)."""
         if sealed:
             shared = self.disks.disk
         else:
             shared = lambda path: None if path == disk else self.disks.disk(path)  # noqa: E731
-        return DiskChain(disk, self.ds.open_read, self.ds.hint_names, shared=shared)
+        return DiskChain(disk, self.ds.open_read, self.ds.hint_names, shared=shared, zero=is_zero_base)
 
     @contextmanager
     def host_chain(self, disk):
@@ -471,7 +492,8 @@ class ImageStore:
 
         with self.open_chain(disk) as chain:
             files = list(dict.fromkeys(f for layer in chain.layers for f in (layer.path, *layer.info.extent_files)))
-            with self.ds.host_files(files) as hosts, \
+            zero = [f for layer in chain.layers if layer.zero for f in layer.info.extent_files]
+            with self.ds.host_files(files, zero=zero) as hosts, \
                     qemu_parent(chain, dict(zip(files, hosts)).__getitem__, self.workdir) as host:
                 yield host
 
@@ -535,15 +557,25 @@ class ImageStore:
         return Container(container_id, store, image_id, _container_disk(container_id))
 
     def list_containers(self):
+        """Containers with a read-write disk here: those made without a VM (their disks, from
+        one walk of the datastore's top, kept for ``catalogue_ttl``) and, on a datastore
+        with VMs, those joined to a VM (read live from the VMs' join records, one query)."""
+        found = {c.id: c for c in self._disk_containers()}
+        if self.ds.vms is not None:
+            from .datastore.vsphere.join import vm_containers
+            found.update((c.id, c) for c in vm_containers(self, self.ds.vms.scan()))
+        return [found[k] for k in sorted(found)]
+
+    def _disk_containers(self):
         cached = self._containers
         now = time.monotonic()
         if cached is not None and now - cached[0] < self.catalogue_ttl:
             return list(cached[1])
-        out = self._list_containers()
+        out = self._list_disk_containers()
         self._containers = (now, out)
         return list(out)
 
-    def _list_containers(self):
+    def _list_disk_containers(self):
         """Containers from their disks, ``<id>/<id>.vmdk`` at the datastore's top (one walk)."""
         out = []
         for rel, info in sorted(self.ds.walk("", pattern=f"*{DISK_SUFFIX}").items()):
@@ -570,14 +602,23 @@ class ImageStore:
     def owners(self, store, image_id, vm_filter=None):
         """What uses this image: IDs of the containers whose read-write disk is a child of
         its disk, and, on a datastore with VMs, the names of the VMs whose disks use its
-        disk directly or through a parent (read live; ``vm_filter(VMOwner)`` keeps some)."""
-        out = {c.id for c in self.list_containers() if c.store == store and c.image == image_id}
+        disk directly or through a parent (read live, one query; ``vm_filter(VMOwner)``
+        keeps some). A container joined to a VM is there as its VM."""
+        out = {c.id for c in self._disk_containers() if c.store == store and c.image == image_id}
         if self.ds.vms is not None:
             out |= {o.name for o in self.ds.vms.owners(_disk_path(store, image_id), vm_filter)}
         return sorted(out)
 
-    def remove_container(self, container_id):
+    def _own_container(self, container_id):
+        """A container whose disk imagefs may change or read: not one a VM has."""
         c = self.get_container(container_id)
+        if c.vm is not None:
+            raise InUse(f"container {c.id} is a disk of virtual machine {c.vm}; "
+                        f"detach it first (container detach {c.id} --vm {c.vm})")
+        return c
+
+    def remove_container(self, container_id):
+        c = self._own_container(container_id)
         self.ds.rmtree(container_id)
         self._changed()
         return c
@@ -594,7 +635,7 @@ class ImageStore:
         """Mount a container's read-write disk; sealed images never come here."""
         from .layer.writer import writable_mount
 
-        c = self.get_container(container_id)
+        c = self._own_container(container_id)
         with self.host_chain(_disk_path(c.store, c.image)), self.ds.edit_host_file(c.disk) as host, \
                 writable_mount(host, method=method or self.writer_method, workdir=self.workdir) as mounted:
             yield mounted
@@ -626,13 +667,13 @@ class ImageStore:
         what it changed over its image."""
         from .export import export_diff
 
-        c = self.get_container(container_id)
+        c = self._own_container(container_id)
         old = self.tree(c.store, c.image) if changes else None
         return export_diff(self.container_tree(container_id), old, spec=spec, data=data)
 
     def container_tree(self, container_id):
         """A fresh read API of a container's disk (not cached: the disk can change)."""
-        c = self.get_container(container_id)
+        c = self._own_container(container_id)
         return ImageTree(self.open_chain(c.disk, sealed=False), name=f"container {container_id}")
 
 

@@ -5,6 +5,8 @@ The store and CLI suites run on this backend too (their [vsphere] cases); this f
 holds what only vSphere has.
 """
 import io
+import json
+import logging
 import os
 import ssl
 import subprocess
@@ -23,9 +25,8 @@ from helpers import make_tar, one_line_error
 
 from imagefs.datastore import open_datastore
 from imagefs.datastore.vsphere import cache as block_cache
-from imagefs.errors import Exists, InUse, PermissionDenied, Unavailable
+from imagefs.errors import CorruptDisk, Exists, InUse, PermissionDenied, Unavailable
 from imagefs.store import ImageStore
-from imagefs.vmdk import DiskChain
 
 SMALL = "128MiB"
 
@@ -71,19 +72,23 @@ def vm_named(si, name):
         view.DestroyView()
 
 
-def attach_existing(si, vm, ds_path, host_path):
-    """Attach a disk file as it is (another client doing so, not imagefs). The simulator
-    insists on a "-flat.vmdk" extent beside any disk it attaches (it reads no descriptor):
-    an empty one stands in for it."""
+def attach_existing(si, vm, ds_path, host_path, parents=()):
+    """Attach a disk file as it is (another client doing so, not imagefs), its backing
+    chain reported down through ``parents`` ("[ds] path"s) as a real host reports a
+    delta's. The simulator insists on a "-flat.vmdk" extent beside any disk it attaches
+    (it reads no descriptor): an empty one stands in for it."""
     flat = host_path[:-len(".vmdk")] + "-flat.vmdk"
     if not os.path.exists(flat):
         open(flat, "wb").close()
     devices = vm.config.hardware.device
     ctl = next(d for d in devices if isinstance(d, vim.vm.device.VirtualSCSIController))
     used = {d.unitNumber for d in devices if getattr(d, "controllerKey", None) == ctl.key} | {7}
+    parent = None
+    for name in reversed(parents):
+        parent = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(fileName=name, parent=parent)
     disk = vim.vm.device.VirtualDisk(key=-1, controllerKey=ctl.key, unitNumber=min(set(range(16)) - used),
                                      backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
-                                         fileName=ds_path, diskMode="persistent"))
+                                         fileName=ds_path, diskMode="persistent", parent=parent))
     spec = vim.vm.ConfigSpec(deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="add", device=disk)])
     _wait(si, vm.ReconfigVM_Task(spec))
     return disk
@@ -94,6 +99,26 @@ def detach_all(si, vm, ds_path):
                if isinstance(d, vim.vm.device.VirtualDisk) and d.backing.fileName == ds_path]
     if changes:
         _wait(si, vm.ReconfigVM_Task(vim.vm.ConfigSpec(deviceChange=changes)))
+
+
+def count_vm_queries(st):
+    """A list holding, for each later call of ``st.owners`` or ``st.list_containers``, the
+    number of inventory queries (PropertyCollector retrievals) it made."""
+    seen = []
+    inner = st.ds.vms._vms
+
+    def counted(props):
+        seen[-1] += 1
+        return inner(props)
+    st.ds.vms._vms = counted
+    for name in ("owners", "list_containers"):
+        method = getattr(st, name)
+
+        def wrapper(*a, _method=method, **kw):
+            seen.append(0)
+            return _method(*a, **kw)
+        setattr(st, name, wrapper)
+    return seen
 
 
 def _wait(si, task):
@@ -112,13 +137,19 @@ def cli(spec, *args, input=None, env=None):
 def test_vsphere_owners_one_and_two_vms_and_through_a_parent(st, api, vsphere_env, folder):
     write(st, "scratch", "base", [("a", "file", {"data": b"a"})])
     write(st, "base", "top", [("b", "file", {"data": b"b"})])
+    write(st, "scratch", "other", [("o", "file", {"data": b"o"})])
     vm0, vm1 = vm_named(api, "DC0_H0_VM0"), vm_named(api, "DC0_H0_VM1")
     top = st.datastore_path("s", "top")
     host = os.path.join(vsphere_env.ds_dir, folder, "VIC/s/images/top/top.vmdk")
     assert st.owners("s", "top") == [] and st.owners("s", "base") == []
-    attach_existing(api, vm0, top, host)
+    # VM0 runs "top" with its whole chain reported, down through scratch to its thin base
+    chain = [st.datastore_path("s", "base"), st.datastore_path("s", "scratch"),
+             st.ds.datastore_path("VIC/s/images/scratch/scratch-base.vmdk")]
+    attach_existing(api, vm0, top, host, parents=chain)
     try:
         assert st.owners("s", "top") == ["DC0_H0_VM0"]
+        assert st.owners("s", "base") == st.owners("s", "scratch") == ["DC0_H0_VM0"]
+        assert st.owners("s", "other") == []
         attach_existing(api, vm1, top, host)
         assert st.owners("s", "top") == ["DC0_H0_VM0", "DC0_H0_VM1"]
         # the filter: the simulator's VMs run; a filter for powered-off ones keeps none
@@ -151,11 +182,30 @@ def test_vsphere_join_and_detach(st, api, vsphere_env, folder):
     disks = [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)
              and d.backing.fileName == f"[LocalDS_0] {folder}/c1/c1.vmdk"]
     assert len(disks) == 1
+    # a child of the image's seSparse layer, asked for in the same delta format
+    assert st.layer_disk("s", "img").create_type == "seSparse"
     assert disks[0].backing.parent.fileName == f"[LocalDS_0] {folder}/VIC/s/images/img/img.vmdk"
+    assert disks[0].backing.deltaDiskFormat == "seSparseFormat"
     from imagefs.datastore.vsphere.join import joined_record
     assert joined_record(st, "c1", "DC0_H0_VM1") == {"layer_id": "img", "image_id": "img",
                                                      "repo_name": "library/busybox", "store": "s"}
+    queries = count_vm_queries(st)
     assert st.owners("s", "img") == ["DC0_H0_VM1"]
+    # container ls: the VM-joined container, from its VM's records; one query each
+    from imagefs.store import Container
+    assert st.list_containers() == [Container("c1", "s", "img", "c1/c1.vmdk", vm="DC0_H0_VM1",
+                                              repo="library/busybox")]
+    assert queries == [1, 1]
+    listed = json.loads(cli(st.ds.url, "container", "ls", "--json").stdout)
+    assert listed == [{"id": "c1", "store": "s", "image": "img", "disk": "c1/c1.vmdk", "vm": "DC0_H0_VM1",
+                       "repo": "library/busybox"}]
+    assert cli(st.ds.url, "container", "ls").stdout == b"c1 s/img vm=DC0_H0_VM1 repo=library/busybox\n"
+    assert "is a disk of virtual machine DC0_H0_VM1; detach it first" in one_line_error(
+        cli(st.ds.url, "container", "rm", "c1"))
+    with pytest.raises(InUse, match="virtual machine DC0_H0_VM1"):
+        st.container_import("c1", io.BytesIO(make_tar([("x", "file", {"data": b"x"})])))
+    with pytest.raises(InUse, match="in use by containers: c1"):
+        st.delete_store("s", force=True)
     import imagefs
     lib = imagefs.ImageStore(vsphere_env.url(folder))                # the library API, by URL
     assert [o.name for o in lib.owners(st.url("s", "img"))] == ["DC0_H0_VM1"]
@@ -166,7 +216,7 @@ def test_vsphere_join_and_detach(st, api, vsphere_env, folder):
         st.join("s", "img", "c1", vm="DC0_H0_VM0")
     # detach, keeping the disk
     st.detach("c1", "DC0_H0_VM1")
-    assert st.owners("s", "img") == []
+    assert st.owners("s", "img") == [] and st.list_containers() == []
     assert os.path.exists(os.path.join(vsphere_env.ds_dir, folder, "c1/c1.vmdk"))
     assert joined_record(st, "c1", "DC0_H0_VM1") == {}
     st.ds.rmtree("c1")
@@ -395,17 +445,25 @@ def test_vsphere_lock_of_a_dead_holder_goes_stale(st, vsphere_env, folder):
 
 # --- what lands on the datastore ------------------------------------------------------------------------
 def test_vsphere_uploaded_layer_reads_back_through_qemu_img(st, vsphere_env, folder, tmp_path):
+    """Every disk of the store as written in the default format (seSparse deltas; scratch
+    a delta of its thin vmfs base), a layer on a layer included, reads the same through
+    qemu-img, through the local backend over the simulator's folder and through vSphere."""
     write(st, "scratch", "a", [("d/f", "file", {"data": os.urandom(200000)})])
     write(st, "a", "b", [("d/g", "file", {"data": b"g" * 5000}), ("d/.wh.f", "file", {})])
     root = os.path.join(vsphere_env.ds_dir, folder)
-    for image in ("scratch", "a", "b"):
-        disk = os.path.join(root, f"VIC/s/images/{image}/{image}.vmdk")
-        subprocess.run(["qemu-img", "check", "-q", disk], check=True)
-        raw = tmp_path / f"{image}.raw"
-        subprocess.run(["qemu-img", "convert", "-O", "raw", disk, str(raw)], check=True)
-        local = ImageStore(open_datastore(root))       # the same files through the local backend
-        ours = [DiskChain(f"VIC/s/images/{image}/{image}.vmdk", local.ds.open_read),
-                st.open_chain(f"VIC/s/images/{image}/{image}.vmdk")]
+    local = ImageStore(open_datastore(root))       # the same files through the local backend
+    disks = {name: f"VIC/s/images/{name.partition('-')[0]}/{name}.vmdk" for name in ("scratch-base", "scratch", "a", "b")}
+    assert {n: st.disk_info(d).create_type for n, d in disks.items()} == {
+        "scratch-base": "vmfs", "scratch": "seSparse", "a": "seSparse", "b": "seSparse"}
+    assert [st.disk_info(d).parent_path() for d in disks.values()] == [None, disks["scratch-base"],
+                                                                       disks["scratch"], disks["a"]]
+    for name, disk in disks.items():
+        host = os.path.join(root, disk)
+        if name != "scratch-base":                  # qemu-img checks deltas, not flat disks
+            subprocess.run(["qemu-img", "check", "-q", host], check=True)
+        raw = tmp_path / f"{name}.raw"
+        subprocess.run(["qemu-img", "convert", "-O", "raw", host, str(raw)], check=True)
+        ours = [local.open_chain(disk), st.open_chain(disk)]
         with open(raw, "rb") as f:
             offset = 0
             while True:
@@ -413,11 +471,66 @@ def test_vsphere_uploaded_layer_reads_back_through_qemu_img(st, vsphere_env, fol
                 if not want:
                     break
                 for chain in ours:
-                    assert chain.pread(offset, len(want)) == want, (image, offset)
+                    assert chain.pread(offset, len(want)) == want, (name, offset)
                 offset += len(want)
+        assert offset == 128 << 20
         for chain in ours:
             chain.close()
         raw.unlink()
+
+
+def test_vsphere_scratch_base_is_made_by_the_host_and_read_as_zeros(vsphere_env, folder, caplog):
+    """scratch's base is a thin disk the host makes (CreateVirtualDisk_Task): nothing of
+    its capacity is uploaded or fetched, ever; on the simulator, which makes empty
+    placeholder files, imagefs writes the descriptor itself and says so; a base that
+    changed (a new CID) or is not a flat base is refused, never read as zeros."""
+    url, capacity = vsphere_env.url(folder), 1 << 30
+    st = ImageStore(open_datastore(url))
+    with caplog.at_level(logging.WARNING, logger="imagefs.vsphere"):
+        st.create_store("s", capacity="1GiB")
+    assert "scratch-base.vmdk: the host made empty placeholder files, not a disk" in caplog.text
+    scratch_dir = os.path.join(vsphere_env.ds_dir, folder, "VIC/s/images/scratch")
+    flat = os.path.join(scratch_dir, "scratch-base-flat.vmdk")
+    assert os.path.getsize(flat) == 0                                   # the host's, not uploaded
+    base_path = "VIC/s/images/scratch/scratch-base.vmdk"
+    base, scratch = st.disk_info(base_path), st.layer_disk("s", "scratch")
+    assert (base.create_type, base.capacity, base.has_parent, base.descriptor.ddb["ddb.thinProvisioned"]) == \
+        ("vmfs", capacity, False, "1")
+    assert [(e.type, e.filename) for e in base.descriptor.extents] == [("VMFS", "scratch-base-flat.vmdk")]
+    assert (scratch.create_type, scratch.parent_hint, scratch.parent_cid) == ("seSparse", "scratch-base.vmdk", base.cid)
+    uploaded = sum(os.path.getsize(os.path.join(scratch_dir, n)) for n in ("scratch.vmdk", "scratch-sesparse.vmdk",
+                                                                           "scratch-base.vmdk"))
+    assert uploaded < st.ds.transfer.uploaded < uploaded + 4096 and uploaded < capacity // 50
+    st.ds.close()
+
+    # as on a real host, the thin base's flat file is the full capacity: still never fetched
+    os.truncate(flat, capacity)
+    st = ImageStore(open_datastore(url, {"cache_dir": vsphere_env.workdir + f"/{folder}-c2"}))
+    fetched = []
+    fetch = st.ds.cache._fetch
+    st.ds.cache._fetch = lambda p, o, n: fetched.append(p) or fetch(p, o, n)
+    st.write_image("s", "scratch", "a", io.BytesIO(make_tar([("f", "file", {"data": b"x" * 100000})])))
+    tree = st.tree("s", "a")
+    assert tree.read(tree.resolve("/f"), 0, 200000) == b"x" * 100000
+    with st.open_chain("VIC/s/images/a/a.vmdk") as chain:
+        assert chain.pread(capacity - (1 << 20), 1 << 20) == bytes(1 << 20)   # a part no layer wrote
+    assert fetched and not [p for p in fetched if p.endswith("-flat.vmdk")]
+    st.ds.close()
+
+    # a base something wrote (a new CID) breaks the chain instead of reading as zeros
+    base_host = os.path.join(scratch_dir, "scratch-base.vmdk")
+    text = open(base_host).read()
+    with open(base_host, "w") as f:
+        f.write(text.replace(f"CID={base.cid}", "CID=0badc1d0"))
+    st = ImageStore(open_datastore(url, {"cache_dir": vsphere_env.workdir + f"/{folder}-c3"}))
+    with pytest.raises(CorruptDisk, match="parentCID .* does not match CID 0badc1d0 of its parent"):
+        st.tree("s", "a")
+    # and a base that is not a flat base disk is not taken for zeros
+    with open(base_host, "w") as f:
+        f.write(open(os.path.join(scratch_dir, "scratch.vmdk")).read())
+    with pytest.raises(CorruptDisk, match="scratch-base.vmdk: should be an empty flat base disk, but is a seSparse"):
+        ImageStore(st.ds).tree("s", "a")
+    st.ds.close()
 
 
 # --- the block cache --------------------------------------------------------------------------------------

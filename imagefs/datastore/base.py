@@ -143,10 +143,11 @@ class Datastore(ABC):
     # --- host files for tools ---------------------------------------------------------------
     @abstractmethod
     @contextmanager
-    def host_files(self, paths):
+    def host_files(self, paths, zero=()):
         """``with ds.host_files(paths) as hosts:`` host paths holding the bytes of
         ``paths``, files that no longer change (sealed layers' disks), for tools to read
-        while the block lasts."""
+        while the block lasts. Those of ``paths`` also in ``zero`` are known to hold only
+        zeros (a store's empty base disk): a remote backend stages them without reading them."""
 
     @abstractmethod
     @contextmanager

@@ -88,7 +88,7 @@ class LocalDatastore(Datastore):
         return p
 
     @contextmanager
-    def host_files(self, paths):
+    def host_files(self, paths, zero=()):
         hosts = [self.local_path(p) for p in paths]
         for path, host in zip(paths, hosts):
             if not os.path.isfile(host):

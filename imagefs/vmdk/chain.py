@@ -25,21 +25,25 @@ MAX_CACHED_CHUNKS = 4096        # merged maps kept (a 64 GiB disk read end to en
 
 
 class DiskChain:
-    """``DiskChain(top_path, opener, names=None, shared=None)``: ``opener(path)`` returns
-    a handle with ``pread(offset, length)`` and ``close()`` for a datastore-relative path;
-    ``names`` are the datastore's names a parent hint may use (hints.py). ``shared(path)``,
-    if given, returns a Disk that other chains may hold too (imagefs.diskpool; its owner
-    closes it), or None for a disk this chain opens and closes itself."""
+    """``DiskChain(top_path, opener, names=None, shared=None, zero=None)``: ``opener(path)``
+    returns a handle with ``pread(offset, length)`` and ``close()`` for a datastore-relative
+    path; ``names`` are the datastore's names a parent hint may use (hints.py).
+    ``shared(path)``, if given, returns a Disk that other chains may hold too
+    (imagefs.diskpool; its owner closes it), or None for a disk this chain opens and
+    closes itself. ``zero(path)`` says whether a disk is known to hold only zeros (Disk's
+    ``zero``: its extents are not read). The link check still applies to such a disk: a
+    child whose parentCID is not the zero disk's CID was not written against it."""
 
-    def __init__(self, top_path, opener, names=None, shared=None):
+    def __init__(self, top_path, opener, names=None, shared=None, zero=None):
         self.layers = []
         self._own = []
         path = top_path
         try:
             while True:
-                disk = shared(path) if shared is not None else None
+                is_zero = bool(zero and zero(path))
+                disk = shared(path) if shared is not None and not is_zero else None
                 if disk is None:
-                    disk = Disk(path, opener, names)
+                    disk = Disk(path, opener, names, zero=is_zero)
                     self._own.append(disk)
                 if self.layers:
                     self._check_link(self.layers[-1], disk)

@@ -113,14 +113,23 @@ def _read_info(path, handle, names):
 
 
 class Disk:
-    """A disk with its extents open: ``runs(lo, hi)`` over the whole virtual disk."""
+    """A disk with its extents open: ``runs(lo, hi)`` over the whole virtual disk.
 
-    def __init__(self, path, opener, names=None):
+    ``zero``: the disk is known to hold only zeros (a store's empty scratch base, see
+    store.py): it must be a base disk of flat extents, whose files are then never
+    opened or read (an 8 GB thin base is not fetched from a datastore to learn that)."""
+
+    def __init__(self, path, opener, names=None, zero=False):
         self.extents = []
+        self.zero = zero
         handle = _open(opener, path)
         try:
             self.info, head = _read_info(path, handle, names)
-            if self.info.embedded:
+            if zero:
+                handle.close()
+                handle = None
+                self.extents = _zero_extents(self.info)
+            elif self.info.embedded:
                 line = self.info.descriptor.extents[0]
                 self.extents.append(hosted_sparse.HostedSparseExtent(path, handle, line.sectors, head))
                 handle = None
@@ -180,6 +189,15 @@ class Disk:
             except OSError:
                 pass
         self.extents = []
+
+
+def _zero_extents(info):
+    """The extents of a disk known to be all zero: refused unless it is a flat base."""
+    lines = info.descriptor.extents
+    if info.has_parent or info.embedded or any(line.type not in ("VMFS", "FLAT", "ZERO") for line in lines):
+        raise CorruptDisk(f"{info.path}: should be an empty flat base disk, but is a "
+                          f"{info.create_type or 'hosted sparse'} disk" + (" with a parent" if info.has_parent else ""))
+    return [ZeroExtent(line.sectors) for line in lines]
 
 
 def _extent(line, path, opener, opened, parsed):

@@ -67,18 +67,25 @@ def write_vmfs_descriptor(path, flat_path, capacity):
     """Write at ``path`` the descriptor of a thin ``vmfs`` disk of ``capacity`` bytes
     whose extent is ``flat_path`` (same directory), or one ZERO extent when it is None.
     Returns the new disk's CID."""
+    text, cid = vmfs_descriptor(flat_path and os.path.basename(flat_path), capacity)
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    return cid
+
+
+def vmfs_descriptor(flat_name, capacity):
+    """(text, CID) of a thin ``vmfs`` disk's descriptor, as ESXi writes one: its extent is
+    ``flat_name`` (beside the descriptor), or one ZERO extent when it is None."""
     desc = Descriptor()
     desc.values = {"CID": secrets.token_hex(4), "parentCID": "ffffffff", "isNativeSnapshot": "no",
                    "createType": "vmfs"}
-    desc.extents = [ExtentLine("RW", capacity // SECTOR, "VMFS", os.path.basename(flat_path)) if flat_path
+    desc.extents = [ExtentLine("RW", capacity // SECTOR, "VMFS", flat_name) if flat_name
                     else ExtentLine("RW", capacity // SECTOR, "ZERO")]
     cylinders = min(65535, capacity // (255 * 63 * SECTOR))
     desc.ddb = {"ddb.adapterType": "lsilogic", "ddb.geometry.cylinders": str(cylinders),
                 "ddb.geometry.heads": "255", "ddb.geometry.sectors": "63",
                 "ddb.longContentID": secrets.token_hex(16), "ddb.thinProvisioned": "1",
                 "ddb.virtualHWVersion": "8"}
-    with open(path, "w") as f:
-        f.write(desc.render())
-        f.flush()
-        os.fsync(f.fileno())
-    return desc.values["CID"]
+    return desc.render(), desc.values["CID"]

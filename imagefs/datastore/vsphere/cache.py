@@ -249,6 +249,14 @@ class BlockCache:
                 self._evict()
         return got
 
+    def assume_zero(self, cf):
+        """Take a file known to hold only zeros (a store's empty base disk) as present
+        without fetching it: its host file is sparse, all zeros, already. In memory only
+        and outside the size bound (it takes no space), so each process decides anew."""
+        with self._lock:
+            for b in range(cf.nblocks):
+                cf.present[b] = 1
+
     def materialize(self, cf):
         """Fetch every block not yet present: the host file is then the whole file."""
         with self._lock:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pyVmomi import vim
 
 from ...errors import ImageFSError, NotFound
+from ...vmdk.flat import vmfs_descriptor
 from ..base import Datastore, FileInfo, ReadHandle
 from .cache import BlockCache
 from .lock import LockSpace
@@ -38,8 +39,7 @@ class CachedReadHandle(ReadHandle):
 
 class VSphereDatastore(Datastore):
     # Layers ESXi can use in a VM's disk chain: SEsparse deltas (VMFS-6 has no other
-    # delta format; VMFS-5 and NFS read it too). Read by the image store once it can
-    # write that format (the VMDK formats work); until then layers are monolithicSparse.
+    # delta format; VMFS-5 and NFS read it too); the image store writes new stores so.
     default_disk_format = "seSparse"
 
     def __init__(self, session, location, cache_dir, cache_size, create=True):
@@ -202,6 +202,32 @@ class VSphereDatastore(Datastore):
         self._task(lambda c: self._fm.MoveDatastoreFile_Task(self._ds(src), self.dc, self._ds(dst),
                                                              self.dc, True), dst, safe=False)
 
+    def create_thin_disk(self, path, capacity):
+        """Have the host make an empty thin ``vmfs`` disk of ``capacity`` bytes at ``path``
+        (VirtualDiskManager.CreateVirtualDisk_Task): nothing is uploaded, and VMFS
+        allocates nothing for a thin disk that nobody writes.
+
+        The placeholder rule: a server that answers with empty files instead of a disk
+        (govmomi's simulator leaves a 0-byte descriptor and a 0-byte ``-flat.vmdk``) gets
+        the descriptor of the disk asked for written by imagefs (thin ``vmfs``, one VMFS
+        extent naming the server's ``-flat.vmdk``), with a warning in the log. The image
+        store reads this base as zeros without reading its extent either way (store.py,
+        ``is_zero_base``), so the placeholder's missing bytes are never taken for data."""
+        spec = vim.VirtualDiskManager.FileBackedVirtualDiskSpec(diskType="thin", adapterType="lsiLogic",
+                                                                capacityKb=capacity // 1024)
+        # not repeated blindly: a retry after a lost answer would find our own disk there
+        self._task(lambda c: c.virtualDiskManager.CreateVirtualDisk_Task(self._ds(path), self.dc, spec), path,
+                   safe=False)
+        directory, name = posixpath.split(path)
+        flat = name.removesuffix(".vmdk") + "-flat.vmdk"
+        made = {n: e for n, e in self.walk(directory).items() if "/" not in n}
+        if name in made and made[name].size == 0:
+            if flat not in made:
+                raise ImageFSError(f"{path}: the host made an empty file and no {flat}, not a disk")
+            log.warning("%s: the host made empty placeholder files, not a disk (a simulator?); "
+                        "imagefs writes the thin disk's descriptor itself", self._ds(path))
+            self.write_file(path, vmfs_descriptor(flat, capacity)[0].encode())
+
     def _entry(self, path, known=None):
         st = known or self.stat(path)
         if st.is_dir:
@@ -217,10 +243,12 @@ class VSphereDatastore(Datastore):
 
     # --- host files ----------------------------------------------------------------------------------
     @contextmanager
-    def host_files(self, paths):
+    def host_files(self, paths, zero=()):
         entries = [self._entry(p) for p in paths]
-        for e in entries:
+        for p, e in zip(paths, entries):
             self.cache.pin(e)
+            if p in zero:
+                self.cache.assume_zero(e)
         try:
             yield [self.cache.materialize(e) for e in entries]
         finally:

@@ -29,6 +29,18 @@ class VMOwner:
     disk: str               # the VM's disk (top of its chain) that reaches the layer
 
 
+@dataclass(frozen=True)
+class VMState:
+    """What one query tells of a VM: enough for owners and joined containers."""
+    name: str
+    power_state: str
+    chains: tuple           # per virtual disk: its backing files, top first ("[ds] path")
+    records: dict           # extraConfig entries whose keys start with RECORD_PREFIX
+
+
+RECORD_PREFIX = "imagefs."
+
+
 def _backing_chain(backing):
     while backing is not None:
         name = getattr(backing, "fileName", None)
@@ -72,28 +84,38 @@ class Inventory:
                 view.DestroyView()
         return self.session.call(query, "virtual machines")
 
-    def _same_disk(self, a, b):
+    def scan(self):
+        """Every VM's name, power state, disk chains and imagefs records: one query."""
+        out = []
+        for _, props in self._vms(("name", "runtime.powerState", "config.hardware.device", "config.extraConfig")):
+            chains = tuple(tuple(_backing_chain(dev.backing)) for dev in props.get("config.hardware.device") or ()
+                           if isinstance(dev, vim.vm.device.VirtualDisk))
+            records = {o.key: o.value for o in props.get("config.extraConfig") or ()
+                       if o.key.startswith(RECORD_PREFIX)}
+            out.append(VMState(props["name"], str(props.get("runtime.powerState")), chains, records))
+        return out
+
+    def same_disk(self, a, b):
+        """Do two "[ds] path" names mean one file (any of this datastore's names)?"""
         (da, pa), (db, pb) = _norm(a), _norm(b)
         names = set(self.ds.names)
         return pa == pb and (da == db or (da in names and db in names))
 
-    def owners(self, disk, filter=None):
+    def owners(self, disk, filter=None, vms=None):
         """VMs whose disks use ``disk`` (a datastore-relative path of this datastore) directly
-        or through a parent; ``filter(VMOwner) -> bool`` keeps some (e.g. powered on)."""
-        return self.owners_of([disk], filter)[disk]
+        or through a parent; ``filter(VMOwner) -> bool`` keeps some (e.g. powered on);
+        ``vms``: a scan() already made."""
+        return self.owners_of([disk], filter, vms)[disk]
 
-    def owners_of(self, disks, filter=None):
+    def owners_of(self, disks, filter=None, vms=None):
         """``{disk: [VMOwner]}`` for several disks, from one query."""
         wanted = {d: self.ds.datastore_path(d) for d in disks}
         out = {d: [] for d in disks}
-        for _, props in self._vms(("name", "runtime.powerState", "config.hardware.device")):
-            for dev in props.get("config.hardware.device") or ():
-                if not isinstance(dev, vim.vm.device.VirtualDisk):
-                    continue
-                chain = list(_backing_chain(dev.backing))
+        for vm in self.scan() if vms is None else vms:
+            for chain in vm.chains:
                 for d, dspath in wanted.items():
-                    if any(self._same_disk(f, dspath) for f in chain):
-                        owner = VMOwner(props["name"], str(props.get("runtime.powerState")), chain[0])
+                    if any(self.same_disk(f, dspath) for f in chain):
+                        owner = VMOwner(vm.name, vm.power_state, chain[0])
                         if (filter is None or filter(owner)) and owner.name not in (o.name for o in out[d]):
                             out[d].append(owner)
         return out
@@ -107,9 +129,11 @@ class Inventory:
         return matches[0]
 
     # --- join and detach -------------------------------------------------------------------------
-    def attach_child(self, vm_name, parent_disk, child_disk, record):
+    def attach_child(self, vm_name, parent_disk, child_disk, record, delta_format=None):
         """Add to VM ``vm_name`` a new disk ``child_disk`` (datastore-relative) created as a
-        child of ``parent_disk``; ``record`` (key -> text) goes into the VM's extraConfig."""
+        child of ``parent_disk``, in ``delta_format`` (a DeltaDiskFormat such as
+        "seSparseFormat"; None: the datastore's default); ``record`` (key -> text) goes
+        into the VM's extraConfig."""
         vm = self.find_vm(vm_name)
         devices = self.session.call(lambda c: vm.config.hardware.device, vm_name)
         controller = next((d for d in devices if isinstance(d, vim.vm.device.VirtualSCSIController)), None)
@@ -122,7 +146,7 @@ class Inventory:
             raise InUse(f"virtual machine {vm_name}: no free unit on its SCSI controller")
         backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
             fileName=self.ds.datastore_path(child_disk), datastore=self.ds.mo, diskMode="persistent",
-            thinProvisioned=True,
+            thinProvisioned=True, deltaDiskFormat=delta_format,
             parent=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(fileName=self.ds.datastore_path(parent_disk),
                                                                  datastore=self.ds.mo))
         disk = vim.vm.device.VirtualDisk(key=-100, controllerKey=controller.key, unitNumber=unit, backing=backing)
@@ -137,7 +161,7 @@ class Inventory:
         target = self.ds.datastore_path(child_disk)
         devices = self.session.call(lambda c: vm.config.hardware.device, vm_name)
         disk = next((d for d in devices if isinstance(d, vim.vm.device.VirtualDisk)
-                     and self._same_disk(getattr(d.backing, "fileName", ""), target)), None)
+                     and self.same_disk(getattr(d.backing, "fileName", ""), target)), None)
         if disk is None:
             raise NotFound(f"virtual machine {vm_name} has no disk {target}")
         change = vim.vm.device.VirtualDeviceSpec(operation="remove", device=disk)

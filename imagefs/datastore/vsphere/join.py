@@ -5,12 +5,15 @@ their disks, this knows VMs. ``join_vm`` claims the container's folder with an a
 MakeDirectory (a second join of the same ID gets Exists), then has the VM create the
 disk (ReconfigVM_Task, fileOperation=create, backing.parent = the image's VMDK) and
 records the layer ID, image ID and repository name in the VM's extraConfig, as VIC's
-Join did in the container's ExecConfig.
+Join did in the container's ExecConfig. Those records list the VM-joined containers
+(``vm_containers``), from the same one query that finds owners.
 """
 from ...errors import Exists, InvalidInput, NotFound
 
 RECORD = "imagefs.join.{container}.{field}"
 FIELDS = ("layer_id", "image_id", "repo_name", "store")
+# the child disk is made in the image layer's delta format (vSphere's DeltaDiskFormat names)
+DELTA_FORMATS = {"seSparse": "seSparseFormat", "vmfsSparse": "redoLogFormat"}
 
 
 def record_keys(container_id):
@@ -32,8 +35,9 @@ def join_vm(st, img, container_id, vm, repo=None):
         raise Exists(f"container {container_id} already exists") from None
     disk = _container_disk(container_id)
     record = dict(zip(record_keys(container_id), (img.id, img.id, repo or "", img.store)))
+    layer_format = st.disk_info(img.disk).create_type
     try:
-        inventory.attach_child(vm, img.disk, disk, record)
+        inventory.attach_child(vm, img.disk, disk, record, DELTA_FORMATS.get(layer_format))
     except BaseException:
         st.ds.rmtree(container_id)
         raise
@@ -56,3 +60,26 @@ def joined_record(st, container_id, vm):
     """What join recorded in the VM for this container: {field: value}."""
     found = st.ds.vms.joined(vm, RECORD.format(container=container_id, field=""))
     return {k.rpartition(".")[2]: v for k, v in found.items() if v}
+
+
+def vm_containers(st, vms):
+    """Containers joined to VMs, from a scan of the inventory (``vms``): each VM's join
+    records whose container disk the VM still has on this datastore. [Container]"""
+    from ...store import Container, _container_disk
+
+    out = []
+    prefix = RECORD.partition("{container}")[0]
+    for vm in vms:
+        joined = {}
+        for key, value in vm.records.items():
+            container, _, field = key[len(prefix):].rpartition(".") if key.startswith(prefix) else ("", "", "")
+            if container and field in FIELDS and value:
+                joined.setdefault(container, {})[field] = value
+        tops = [chain[0] for chain in vm.chains if chain]
+        for container, fields in sorted(joined.items()):
+            disk = _container_disk(container)
+            here = st.ds.datastore_path(disk)
+            if "store" in fields and "image_id" in fields and any(st.ds.vms.same_disk(t, here) for t in tops):
+                out.append(Container(container, fields["store"], fields["image_id"], disk, vm=vm.name,
+                                     repo=fields.get("repo_name") or None))
+    return out

@@ -35,6 +35,7 @@ class Transfer:
         self._query = "?" + urlencode({"dcPath": datacenter, "dsName": datastore})
         if session.ctx.verify_mode == ssl.CERT_NONE:     # --insecure: said once already, not per request
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        self.uploaded = 0           # bytes stored by PUTs so far (tests, bench)
         self._pool = urllib3.PoolManager(num_pools=2, maxsize=8, ssl_context=session.ctx,
                                          timeout=urllib3.Timeout(connect=30, read=300), retries=False)
 
@@ -118,12 +119,14 @@ class Transfer:
         self._request("PUT", path, path, headers={"Content-Length": str(size),
                                                   "Content-Type": "application/octet-stream"},
                       body_factory=lambda: open(host_path, "rb"))
+        self.uploaded += size
         log.info("uploaded %s (%d bytes)", path, size)
 
     def put_bytes(self, path, data):
         self._request("PUT", path, path, headers={"Content-Length": str(len(data)),
                                                   "Content-Type": "application/octet-stream"},
                       body_factory=lambda: data)
+        self.uploaded += len(data)
 
     def close(self):
         self._pool.clear()
