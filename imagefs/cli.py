@@ -1,11 +1,13 @@
 """The ``imagefs`` command line.
 
 Every failure is one line on stderr (``imagefs: <reason>``) and a non-zero exit:
-1 for an imagefs error, 2 for bad usage, 130 when interrupted.
+1 for an imagefs error, 2 for bad usage, 128 + the signal number when interrupted
+(Ctrl-C, SIGTERM, SIGHUP: all three unwind like an error, so nothing half-made is left).
 """
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -344,7 +346,36 @@ def build_parser():
     return p
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP (``timeout``, ``kill``, a closed terminal), raised where the main
+    thread is, so every ``with`` and ``finally`` on the way out runs, as for Ctrl-C."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, _frame):
+    raise _Terminated(signum)
+
+
+def _say(message):
+    try:
+        print(message, file=sys.stderr)
+    except OSError:
+        pass                                 # the terminal may be gone (SIGHUP)
+
+
 def main(argv=None):
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "mount" and args.datastore_pos is None and args.mountpoint is None:
@@ -357,8 +388,11 @@ def main(argv=None):
         print(f"imagefs: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("imagefs: interrupted", file=sys.stderr)
-        return 130
+        _say("imagefs: interrupted")
+        return 128 + signal.SIGINT
+    except _Terminated as t:
+        _say(f"imagefs: stopped by {signal.Signals(t.signum).name}")
+        return 128 + t.signum
     except BrokenPipeError:
         return 1
     except OSError as e:

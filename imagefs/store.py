@@ -10,21 +10,26 @@ Layout on a datastore (compatible with VIC's port layer)::
 Parentage comes from the disk chain (``parentFileNameHint``), never from metadata.
 A layer is sealed before any child is made of it and never opened writable again.
 """
+import errno
 import logging
 import posixpath
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 from . import scratch as scratch_disk
-from .errors import Exists, ImageFSError, InUse, InvalidInput, NotFound, ReadOnly
+from .crashpoints import crash_point
+from .errors import Exists, ImageFSError, InUse, InvalidInput, NoSpace, NotFound, ReadOnly
 from .ids import SCRATCH, check_id
+from .layer.recover import recover_work_dirs
+from .layer.tools import hold_interrupts
 from .tree import ImageTree
 from .vmdk import DiskChain, SparseExtent
 
 log = logging.getLogger("imagefs.store")
 
 ROOT_DIR = "VIC"
+CLAIM = ".writing"
 DATASTORE_NAME = "local"
 
 
@@ -61,6 +66,15 @@ def _disk_path(store, image_id):
     return f"{_image_dir(store, image_id)}/{image_id}.vmdk"
 
 
+def _store_lock(store):
+    return f"{_store_dir(store)}/.lock"
+
+
+def _claim_path(store, image_id):
+    """Held (flock) by the writer of an image until the image is complete."""
+    return f"{_image_dir(store, image_id)}/{CLAIM}"
+
+
 def _container_disk(container_id):
     return f"{container_id}/{container_id}.vmdk"
 
@@ -76,6 +90,7 @@ class ImageStore:
         self._trees = {}
         self._lock = threading.Lock()
         self.ds.mkdir(ROOT_DIR, parents=True)
+        recover_work_dirs(workdir)          # what killed writers of this machine left running
 
     # --- image stores -------------------------------------------------------------------
     def create_store(self, name, capacity=scratch_disk.DEFAULT_CAPACITY):
@@ -99,6 +114,11 @@ class ImageStore:
     def list_stores(self):
         return [n for n in self.ds.listdir(ROOT_DIR) if self.ds.is_dir(_images_dir(n))]
 
+    def recover(self):
+        """Clean every store now (the mount does this at start), rather than each at first use."""
+        for name in self.list_stores():
+            self.get_store(name)
+
     def get_store(self, name):
         """Check that store ``name`` exists; the first time, remove half-made images (no manifest)."""
         check_id(name, "store name")
@@ -110,7 +130,8 @@ class ImageStore:
         return name
 
     def delete_store(self, name, force=False):
-        """Delete a store. Refused (InUse) while it holds images other than scratch, unless force."""
+        """Delete a store. Refused (InUse) while it holds images other than scratch, unless force,
+        and while a layer is being written into it."""
         self.get_store(name)
         images = [i for i in self._image_ids(name) if i != SCRATCH]
         containers = [c for c in self.list_containers() if c.store == name]
@@ -118,28 +139,90 @@ class ImageStore:
             raise InUse(f"image store {name} is in use by containers: {', '.join(c.id for c in containers)}")
         if images and not force:
             raise InUse(f"image store {name} still holds {len(images)} image(s); delete them first or force")
-        with self.ds.lock(f"{_store_dir(name)}/.lock", exclusive=True, blocking=False) as got:
-            if not got:
-                raise InUse(f"image store {name} has a layer write in progress")
+        with self.ds.lock(_store_lock(name), exclusive=True):
+            writing = [i for i in self._incomplete_ids(name) if self._is_being_written(name, i)]
+            if writing:
+                raise InUse(f"image store {name} has a layer write in progress ({', '.join(writing)})")
             self._forget_trees(name)
             self.ds.rmtree(_store_dir(name))
         self._cleaned.discard(name)
         log.info("deleted image store %s", name)
 
+    # --- half-made images ---------------------------------------------------------------------
+    # A write claims images/<id> under the store lock: it creates the directory and takes
+    # the claim lock (images/<id>/.writing), which it holds until the image is complete or
+    # removed. The store lock is held only for the claim, so a long write never blocks the
+    # clean-up of what a killed writer left: a directory without a manifest whose claim lock
+    # is free is debris.
     def _cleanup(self, store):
-        """Remove image dirs without a manifest (crashed writes); never scratch; skip while writing."""
-        with self.ds.lock(f"{_store_dir(store)}/.lock", exclusive=True, blocking=False) as got:
-            if not got:
-                return  # a write is in progress; its half-made dir is not garbage yet
-            for image_id in self.ds.listdir(_images_dir(store)):
-                d = _image_dir(store, image_id)
-                if self.ds.exists(f"{d}/manifest") and self.ds.exists(_disk_path(store, image_id)):
-                    continue
+        """Remove half-made images (no manifest) of dead writers; never scratch."""
+        with self.ds.lock(_store_lock(store), exclusive=True):
+            for image_id in self._incomplete_ids(store):
                 if image_id == SCRATCH:
                     log.warning("store %s: scratch is incomplete; the store is probably unusable", store)
-                    continue
-                log.warning("store %s: removing incomplete image %s", store, image_id)
-                self.ds.rmtree(d)
+                elif self._remove_if_debris(store, image_id):
+                    log.warning("store %s: removed incomplete image %s (its writer is gone)", store, image_id)
+            for image_id in self._image_ids(store):
+                self._drop_stale_claim(store, image_id)
+
+    def _incomplete_ids(self, store):
+        """Directories under images/ that are not complete images (no manifest or no disk)."""
+        out = []
+        for image_id in self.ds.listdir(_images_dir(store)):
+            d = _image_dir(store, image_id)
+            if not self.ds.is_dir(d):
+                continue
+            if not (self.ds.exists(f"{d}/manifest") and self.ds.exists(_disk_path(store, image_id))):
+                out.append(image_id)
+        return out
+
+    def _is_being_written(self, store, image_id):
+        with self.ds.lock(_claim_path(store, image_id), exclusive=True, blocking=False) as got:
+            return not got
+
+    def _remove_if_debris(self, store, image_id):
+        """Remove images/<id> if it is incomplete and no live writer claims it (caller holds
+        the store lock). True if removed."""
+        d = _image_dir(store, image_id)
+        if self.ds.exists(f"{d}/manifest") and self.ds.exists(_disk_path(store, image_id)):
+            return False
+        with self.ds.lock(_claim_path(store, image_id), exclusive=True, blocking=False) as got:
+            if not got:
+                return False
+            self._forget_trees(store, image_id)
+            self.ds.rmtree(d)
+        return True
+
+    def _drop_stale_claim(self, store, image_id):
+        """A complete image whose writer died between the manifest and dropping its claim."""
+        claim = _claim_path(store, image_id)
+        if self.ds.exists(claim):
+            with self.ds.lock(claim, exclusive=True, blocking=False) as got:
+                if got:
+                    self.ds.remove(claim)
+
+    @contextmanager
+    def _claim(self, store, image_id):
+        """``with self._claim(store, id) as d:`` images/<id> is ours to fill; a taken ID is an
+        error, unless what holds it is debris of a dead writer. On an exception the directory
+        goes; on a clean exit only the claim does (the image is complete by then)."""
+        d = _image_dir(store, image_id)
+        with ExitStack() as claim:
+            with self.ds.lock(_store_lock(store), exclusive=True):
+                try:
+                    self.ds.mkdir(d)
+                except Exists:
+                    if not self._remove_if_debris(store, image_id):
+                        raise Exists(f"image {image_id} already exists in store {store}") from None
+                    self.ds.mkdir(d)
+                claim.enter_context(self.ds.lock(_claim_path(store, image_id), exclusive=True))
+            try:
+                yield d
+            except BaseException:
+                with hold_interrupts():
+                    self.ds.rmtree(d)
+                raise
+            self.ds.remove(_claim_path(store, image_id))
 
     # --- images -------------------------------------------------------------------------------
     def _image_ids(self, store):
@@ -199,10 +282,11 @@ class ImageStore:
         return {k: self.ds.read_file(f"{d}/{k}") for k in img.metadata_keys}
 
     def write_image(self, store, parent_id, image_id, stream, *, metadata=None, expected_sum=None,
-                    progress=None):
+                    progress=None, on_archive_end=None):
         """Write a new layer ``image_id`` from a tar stream as a child of ``parent_id``.
 
         Metadata is ``key -> bytes``. Any failure leaves no trace of the new image.
+        ``on_archive_end()`` is called once the tar's end-of-archive marker has been read.
         """
         from .layer.writer import write_layer  # heavy imports only when writing
 
@@ -216,27 +300,37 @@ class ImageStore:
             parent = self.get_image(store, parent_id)
         except NotFound:
             raise NotFound(f"parent image {parent_id} not found in store {store}") from None
-        with self.ds.lock(f"{_store_dir(store)}/.lock", exclusive=False):
-            d = _image_dir(store, image_id)
-            try:
-                self.ds.mkdir(d)
-            except Exists:
-                raise Exists(f"image {image_id} already exists in store {store}") from None
-            try:
-                self.ds.mkdir(f"{d}/imageMetadata")
-                result = write_layer(self.ds.local_path(parent.disk),
-                                     self.ds.local_path(_disk_path(store, image_id)), stream,
-                                     expected_sum=expected_sum, method=self.writer_method,
-                                     workdir=self.workdir, progress=progress)
-                for key, value in metadata.items():
-                    self.ds.write_file(f"{d}/imageMetadata/{key}", bytes(value))
-                self.ds.write_file(f"{d}/manifest", b"")
-            except BaseException:
-                self.ds.rmtree(d)
-                raise
+        with self._claim(store, image_id) as d:
+            self.ds.mkdir(f"{d}/imageMetadata")
+            result = write_layer(self.ds.local_path(parent.disk),
+                                 self.ds.local_path(_disk_path(store, image_id)), stream,
+                                 expected_sum=expected_sum, method=self.writer_method,
+                                 workdir=self.workdir, progress=progress, on_archive_end=on_archive_end)
+            self._commit(d, metadata)
         log.info("wrote image %s/%s (parent %s, %s, %d bytes)", store, image_id, parent_id,
                  result.digest, result.size)
         return self.get_image(store, image_id), result
+
+    def _commit(self, d, metadata):
+        """Make the written image visible, durably: metadata, then the manifest, each made
+        durable before the next step (docs/design.md says what a power cut leaves)."""
+        try:
+            self._commit_steps(d, metadata)
+        except OSError as err:
+            failure = (NoSpace if err.errno in (errno.ENOSPC, errno.EDQUOT) else ImageFSError)(
+                f"cannot commit image {posixpath.basename(d)}: {err.strerror or err}")
+            raise failure from None
+
+    def _commit_steps(self, d, metadata):
+        for key, value in metadata.items():
+            crash_point("metadata")
+            self.ds.write_file(f"{d}/imageMetadata/{key}", bytes(value))   # file + imageMetadata/
+        self.ds.sync(d)                                  # the disk's and imageMetadata's entries
+        crash_point("manifest")
+        self.ds.write_file(f"{d}/manifest", b"")         # from here on the image exists
+        crash_point("manifest")
+        self.ds.sync(posixpath.dirname(d))               # images/<id> itself
+        crash_point("manifest")
 
     def delete_image(self, store, image_id):
         """Delete one image; InUse while it has children or containers; scratch is refused."""

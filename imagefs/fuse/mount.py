@@ -80,6 +80,7 @@ def _run(datastore, mountpoint, opts, ready):
     _setup_logging(opts, background=ready is not None)
     try:
         store = ImageStore(open_datastore(datastore), writer_method=opts.writer, workdir=opts.workdir)
+        store.recover()                               # what killed writers left: before serving
         imports = ImportRegistry(store)
         ns = Namespace(store, imports, scratch_capacity=opts.scratch_capacity, pid=os.getpid(),
                        uid=os.getuid(), gid=os.getgid())
