@@ -418,7 +418,7 @@ class ImageStore:
     def usage(self, store):
         """Bytes of all layer VMDKs of a store, scratch excluded (as VIC counts)."""
         self.get_store(store)
-        return sum(self.layer_usage(store, i) for i in self._image_ids(store) if not i.startswith(SCRATCH))
+        return sum(self.layer_usage(store, i) for i in self._image_ids(store) if i != SCRATCH)
 
     def datastore_path(self, store, image_id):
         img = self.get_image(store, image_id)
