@@ -71,6 +71,25 @@ def cmd_store_usage(args):
     print(_open_store(args).usage(args.name))
 
 
+def cmd_store_check(args):
+    import json
+    from .check import check_store
+    from .datastore import open_datastore
+    from .store import ImageStore
+    st = ImageStore(open_datastore(args.datastore), recover=False)
+    report = check_store(st, args.name, repair=args.repair, data=not args.no_data)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=1))
+    else:
+        for problem in report.problems:
+            print(problem.line())
+        repaired = sum(p.repaired for p in report.problems)
+        print(f"store {args.name}: {report.images_checked} images checked, {len(report.problems)} problems"
+              + (f", {repaired} repaired" if args.repair else "")
+              + (f", {len(report.in_progress)} being written" if report.in_progress else ""))
+    return 0 if report.ok else 1
+
+
 # --- images -------------------------------------------------------------------------------------
 def _parse_meta(items):
     meta = {}
@@ -270,6 +289,12 @@ def build_parser():
     c = store.add_parser("usage", help="bytes of layer disks in a store (scratch excluded)")
     c.add_argument("name")
     c.set_defaults(func=cmd_store_usage)
+    c = store.add_parser("check", help="verify every image; list broken images and leftovers (exit 1 if any)")
+    c.add_argument("name")
+    c.add_argument("--repair", action="store_true", help="remove what is provably debris of killed writers")
+    c.add_argument("--json", action="store_true", help="the report as JSON")
+    c.add_argument("--no-data", action="store_true", help="read the trees' metadata but not the file data")
+    c.set_defaults(func=cmd_store_check)
 
     image = sub.add_parser("image", help="images").add_subparsers(dest="sub", required=True)
     c = image.add_parser("write", help="write a layer from a tar (plain, gzip, bzip2, xz or zstd)")

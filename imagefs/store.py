@@ -82,15 +82,18 @@ def _container_disk(container_id):
 class ImageStore:
     """All image stores of one datastore."""
 
-    def __init__(self, datastore, *, writer_method=None, workdir=None):
+    def __init__(self, datastore, *, writer_method=None, workdir=None, recover=True):
+        """``recover=False`` leaves what killed writers left alone (``store check`` reports it)."""
         self.ds = datastore
         self.writer_method = writer_method
         self.workdir = workdir
+        self._recover = recover
         self._cleaned = set()
         self._trees = {}
         self._lock = threading.Lock()
         self.ds.mkdir(ROOT_DIR, parents=True)
-        recover_work_dirs(workdir)          # what killed writers of this machine left running
+        if recover:
+            recover_work_dirs(workdir)      # what killed writers of this machine left running
 
     # --- image stores -------------------------------------------------------------------
     def create_store(self, name, capacity=scratch_disk.DEFAULT_CAPACITY):
@@ -124,7 +127,7 @@ class ImageStore:
         check_id(name, "store name")
         if not self.ds.is_dir(_images_dir(name)):
             raise NotFound(f"image store {name} not found")
-        if name not in self._cleaned:
+        if self._recover and name not in self._cleaned:
             self._cleanup(name)
             self._cleaned.add(name)
         return name
