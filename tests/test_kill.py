@@ -13,6 +13,7 @@ import pytest
 
 from fuse_fixtures import wait_for
 
+from imagefs.layer.recover import recover_work_dirs
 from reliability import harness
 from reliability.kill_campaign import STORE, Lab, member_ends
 
@@ -26,6 +27,7 @@ def lab(tmp_path_factory):
     lab = Lab(str(tmp_path_factory.mktemp("kill")), writer="kernel", data_mib=5)
     yield lab
     lab.umount()
+    recover_work_dirs(lab.work)                 # a failed test must not leave a killed writer's mounts
 
 
 def _assert_ok(outcome):

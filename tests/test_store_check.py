@@ -11,6 +11,7 @@ import pytest
 from fuse_fixtures import wait_for
 from helpers import make_tar
 
+from imagefs.layer.recover import recover_work_dirs
 from reliability.harness import leftovers
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE, loop mounts)")
@@ -47,7 +48,8 @@ def store(tmp_path):
     s.run("store", "create", "s", "--capacity", "256MiB")
     s.run("image", "write", "s", "scratch", "base", s.tar)
     s.run("image", "write", "s", "base", "top", s.tar)
-    return s
+    yield s
+    recover_work_dirs(s.work)                   # a failed test must not leave a killed writer's mounts
 
 
 def test_healthy_store(store):

@@ -81,7 +81,7 @@ def clean_name(raw: bytes) -> bytes:
     """A tar name as a relative path: no leading "/" or "./", no empty or "." components."""
     parts = [p for p in raw.split(b"/") if p and p != b"."]
     if b".." in parts:
-        raise InvalidInput(f"layer entry {os.fsdecode(raw)!r} has a '..' component")
+        raise InvalidInput(f"layer entry {_show(raw)} has a '..' component")
     return b"/".join(parts)
 
 
@@ -358,6 +358,9 @@ class _Applier:
             except OSError as err:
                 if err.errno == errno.EOPNOTSUPP and not xname.startswith("user."):
                     continue                    # as docker: a namespace the fs lacks is skipped
+                if err.errno in (errno.ENOSPC, errno.E2BIG, errno.ERANGE):    # ext4 says ENOSPC for a big value
+                    raise InvalidInput(f"layer entry {_show(real)}: xattr {xname!r} of {len(value)} bytes "
+                                       "does not fit an ext4 inode") from None
                 raise
             done.append((xname, value))
         return done
@@ -437,4 +440,8 @@ def _translate(err: OSError, name: bytes) -> ImageFSError:
 
 
 def _show(path: bytes | None) -> str:
-    return repr(os.fsdecode(path or b""))
+    """A name for a one-line message: a huge one (a tar bomb's) is cut in the middle."""
+    text = os.fsdecode(path or b"")
+    if len(text) > 120:
+        text = f"{text[:80]}...{text[-30:]} ({len(path)} bytes)"
+    return repr(text)

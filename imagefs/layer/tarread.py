@@ -6,6 +6,7 @@ stream are carried through libarchive and re-raised (KeyboardInterrupt as is, OS
 ImageFSError); libarchive's own errors become InvalidInput.
 """
 import ctypes
+import logging
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ _READ_BLOCK = 1 << 20
 TAR_BLOCK = 512
 
 _lib = ffi.libarchive
+# libarchive-c logs every ARCHIVE_WARN; TarStream decides about each one itself.
+logging.getLogger("libarchive").setLevel(logging.ERROR)
 
 
 def _bind(name, argtypes, restype):
@@ -94,9 +97,12 @@ class TarStream:
         entry_p = ffi.entry_new()
         try:
             while True:
-                if _call(ffi.read_next_header2, self._a, entry_p) == ffi.ARCHIVE_EOF:
+                r = _call(ffi.read_next_header2, self._a, entry_p)
+                if r == ffi.ARCHIVE_EOF:
                     self.complete = _filter_bytes(self._a, 0) - _header_position(self._a) >= TAR_BLOCK
                     return
+                if r == ffi.ARCHIVE_WARN:
+                    self._warned()
                 yield _decode(entry_p)
         finally:
             ffi.entry_free(entry_p)
@@ -107,8 +113,18 @@ class TarStream:
             r = _call(ffi.read_data_block, self._a, ctypes.byref(buf), ctypes.byref(size), ctypes.byref(offset))
             if r == ffi.ARCHIVE_EOF:
                 return
+            if r == ffi.ARCHIVE_WARN:
+                self._warned()
             if size.value:
                 yield offset.value, memoryview((ctypes.c_char * size.value).from_address(buf.value)).cast("B")
+
+
+    def _warned(self) -> None:
+        """libarchive read the member but complained: a damaged or malformed archive (a PAX
+        record it dropped, garbage it skipped) is refused, a name in a foreign charset is not."""
+        msg = (ffi.error_string(self._a) or b"").decode("utf-8", "replace")
+        if "can't be converted" not in msg:
+            raise InvalidInput(f"bad layer archive: {msg or 'libarchive warned'}")
 
 
 def _call(func, *args):
