@@ -6,11 +6,10 @@ are generated as streams (reliability/hostile.py) and scaled down here; the full
 """
 import os
 import stat
-import subprocess
 
 import pytest
 
-from fuse_fixtures import STORE, datastore, image_path, mounted  # noqa: F401 - fixtures
+from fuse_fixtures import datastore, image_path, mounted_copy  # noqa: F401 - fixtures
 
 from imagefs.errors import InvalidInput
 from imagefs.layer.extract import apply_layer
@@ -96,9 +95,7 @@ BOMBS = {       # name: (stream, what must be said, or None when the layer is ap
 
 @pytest.fixture(scope="module")
 def mnt(datastore, tmp_path_factory):  # noqa: F811
-    tmp = tmp_path_factory.mktemp("hostile")
-    subprocess.run(["cp", "-a", "--sparse=always", datastore, tmp / "ds"], check=True)
-    with mounted(tmp / "ds", tmp / "mnt") as m:
+    with mounted_copy(datastore, tmp_path_factory.mktemp("hostile")) as m:
         yield m
 
 

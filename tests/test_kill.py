@@ -6,7 +6,6 @@ a few points of each kind with real processes and real signals.
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest

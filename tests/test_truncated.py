@@ -16,7 +16,7 @@ import tarfile
 
 import pytest
 
-from fuse_fixtures import STORE, datastore, image_path, mounted  # noqa: F401 - fixtures
+from fuse_fixtures import datastore, image_path, mounted_copy  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE, loop mounts)")
 SHELLS = [s for s in ("dash", "bash") if shutil.which(s)]
@@ -96,9 +96,7 @@ def test_cli_whole_tar_passes(cli, tars):
 # --- through the mount, under dash and bash --------------------------------------------------------
 @pytest.fixture(scope="module")
 def mnt(datastore, tmp_path_factory):  # noqa: F811
-    tmp = tmp_path_factory.mktemp("trunc-mnt")
-    subprocess.run(["cp", "-a", "--sparse=always", datastore, tmp / "ds"], check=True)
-    with mounted(tmp / "ds", tmp / "mnt") as m:
+    with mounted_copy(datastore, tmp_path_factory.mktemp("trunc-mnt")) as m:
         yield m
 
 
