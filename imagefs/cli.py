@@ -1,66 +1,95 @@
 """The ``imagefs`` command line.
 
-Every failure is one line on stderr (``imagefs: <reason>``) and a non-zero exit:
-1 for an imagefs error, 2 for bad usage, 128 + the signal number when interrupted
-(Ctrl-C, SIGTERM, SIGHUP: all three unwind like an error, so nothing half-made is left).
+Every failure is one line on stderr (``imagefs: <reason>``) and an exit code that
+says what kind of failure it was (``EXIT_CODES``, documented in docs/cli.md).
+Listings and info commands take ``--json``. Progress of long transfers goes to
+stderr when it is a terminal (``-q`` silences it), never to stdout. Ctrl-C, SIGTERM and
+SIGHUP unwind like an error (exit 128 + the signal's number), so nothing half-made is left.
 """
 import argparse
+import json
 import logging
 import os
 import signal
+import stat
 import sys
-import time
 
+from . import errors
 from .errors import ImageFSError, InvalidInput
+from .progress import Progress, Quiet, human
 
 log = logging.getLogger("imagefs")
 
+# exit code -> (error types, meaning); the first matching type decides
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_IN_USE, EXIT_EXISTS, EXIT_READ_ONLY, EXIT_NO_SPACE = \
+    0, 1, 2, 3, 4, 5, 6, 7
+EXIT_INTERRUPTED = 130
+EXIT_CODES = [
+    (errors.InvalidInput, EXIT_INVALID),
+    (errors.NotFound, EXIT_NOT_FOUND),
+    (errors.InUse, EXIT_IN_USE),
+    (errors.Exists, EXIT_EXISTS),
+    (errors.ReadOnly, EXIT_READ_ONLY),
+    (errors.NoSpace, EXIT_NO_SPACE),
+]
 
-def _open_store(args):
+
+def exit_code(err):
+    for kind, code in EXIT_CODES:
+        if isinstance(err, kind):
+            return code
+    return EXIT_FAILED
+
+
+def _progress(args, label="", total=None):
+    return Quiet(label, total) if args.quiet else Progress(label, total)
+
+
+def _emit(args, obj, text_lines):
+    """--json prints ``obj``; otherwise the text lines."""
+    if getattr(args, "json", False):
+        print(json.dumps(obj, indent=2, sort_keys=True))
+    else:
+        for line in text_lines:
+            print(line)
+
+
+def _datastore_spec(args, create=False):
+    from .datastore.base import default_datastore_path
+    spec = args.datastore or default_datastore_path()
+    if "://" not in spec and not create and not os.path.isdir(spec):
+        raise errors.NotFound(f"datastore {spec} does not exist (imagefs store create makes it; "
+                              "or give --datastore / $IMAGEFS_DATASTORE)")
+    return spec
+
+
+def _open_store(args, create=False):
     from .datastore import open_datastore
     from .store import ImageStore
-    return ImageStore(open_datastore(args.datastore), writer_method=getattr(args, "writer", None))
+    return ImageStore(open_datastore(_datastore_spec(args, create)), writer_method=getattr(args, "writer", None))
 
 
-def _human(n):
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
-class Progress:
-    """Bytes-received progress on a terminal; silent when stderr is not a tty."""
-
-    def __init__(self, label, stream=sys.stderr):
-        self.label, self.stream = label, stream
-        self.enabled = stream.isatty()
-        self.start = self.last = time.monotonic()
-
-    def __call__(self, nbytes):
-        now = time.monotonic()
-        if self.enabled and now - self.last >= 0.2:
-            self.last = now
-            rate = nbytes / max(now - self.start, 1e-6)
-            self.stream.write(f"\r{self.label}: {_human(nbytes)} ({_human(rate)}/s)   ")
-            self.stream.flush()
-
-    def done(self):
-        if self.enabled:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
+def _open_input(path):
+    """(file object, size or None, close?) of a path or '-' (stdin)."""
+    if path in (None, "-"):
+        return sys.stdin.buffer, None, False
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise InvalidInput(f"{path}: {e.strerror}") from None
+    st = os.fstat(f.fileno())
+    return f, (st.st_size if stat.S_ISREG(st.st_mode) else None), True
 
 
 # --- store --------------------------------------------------------------------------------------
 def cmd_store_create(args):
-    st = _open_store(args)
-    st.create_store(args.name, capacity=args.capacity)
+    _open_store(args, create=True).create_store(args.name, capacity=args.capacity)
     print(args.name)
 
 
 def cmd_store_ls(args):
-    for name in _open_store(args).list_stores():
-        print(name)
+    names = _open_store(args).list_stores()
+    _emit(args, names, names)
 
 
 def cmd_store_rm(args):
@@ -68,18 +97,18 @@ def cmd_store_rm(args):
 
 
 def cmd_store_usage(args):
-    print(_open_store(args).usage(args.name))
+    usage = _open_store(args).usage(args.name)
+    _emit(args, {"store": args.name, "usage": usage}, [usage])
 
 
 def cmd_store_check(args):
-    import json
     from .check import check_store
     from .datastore import open_datastore
     from .store import ImageStore
-    st = ImageStore(open_datastore(args.datastore), recover=False)
+    st = ImageStore(open_datastore(_datastore_spec(args)), recover=False)
     report = check_store(st, args.name, repair=args.repair, data=not args.no_data)
     if args.json:
-        print(json.dumps(report.as_dict(), indent=1))
+        print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
     else:
         for problem in report.problems:
             print(problem.line())
@@ -111,14 +140,8 @@ def _parse_meta(items):
 def cmd_image_write(args):
     st = _open_store(args)
     meta = _parse_meta(args.meta)
-    progress = Progress(f"writing {args.id}")
-    if args.file in (None, "-"):
-        src, close = sys.stdin.buffer, False
-    else:
-        try:
-            src, close = open(args.file, "rb"), True
-        except OSError as e:
-            raise InvalidInput(f"{args.file}: {e.strerror}") from None
+    src, size, close = _open_input(args.file)
+    progress = _progress(args, f"writing {args.id}", size)
     try:
         img, result = st.write_image(args.store, args.parent, args.id, src, metadata=meta,
                                      expected_sum=args.sum, progress=progress)
@@ -129,52 +152,102 @@ def cmd_image_write(args):
     print(f"{img.id} {result.digest}")
 
 
+def _refs(st, store):
+    from .oci.refs import RefStore
+    by_image = {}
+    for ref in RefStore(st, store).list():
+        by_image.setdefault(ref.image, []).append(ref.name)
+    return by_image
+
+
 def cmd_image_ls(args):
     st = _open_store(args)
     images = st.list_images(args.store, include_scratch=True)
-    if args.quiet:
-        for img in images:
-            print(img.id)
+    refs = _refs(st, args.store)
+    rows = [{"id": img.id, "parent": img.parent, "size": st.layer_usage(args.store, img.id),
+             "refs": refs.get(img.id, [])} for img in images]
+    if args.quiet_ids:
+        _emit(args, [r["id"] for r in rows], [r["id"] for r in rows])
         return
-    print(f"{'ID':<40} {'PARENT':<40} {'SIZE':>10}")
-    for img in images:
-        print(f"{img.id:<40} {img.parent or '-':<40} {_human(st.layer_usage(args.store, img.id)):>10}")
+    lines = [f"{'ID':<40} {'PARENT':<40} {'SIZE':>10}  REFS"]
+    lines += [f"{r['id']:<40} {r['parent'] or '-':<40} {human(r['size']):>10}  {','.join(r['refs']) or '-'}"
+              for r in rows]
+    _emit(args, rows, lines)
+
+
+def _image_facts(st, store, image_id):
+    img = st.get_image(store, image_id)
+    return {"id": img.id, "store": img.store, "parent": img.parent,
+            "ancestors": st.ancestors(store, image_id), "children": st.children(store, image_id),
+            "metadata": sorted(img.metadata_keys), "usage": st.layer_usage(store, image_id),
+            "url": st.url(store, image_id), "disk": st.datastore_path(store, image_id),
+            "owners": st.owners(store, image_id), "refs": _refs(st, store).get(image_id, [])}
 
 
 def cmd_image_info(args):
     st = _open_store(args)
-    img = st.get_image(args.store, args.id)
-    print(f"id:         {img.id}")
-    print(f"store:      {img.store}")
-    print(f"parent:     {img.parent or '-'}")
-    print(f"ancestors:  {' '.join(st.ancestors(args.store, args.id)) or '-'}")
-    print(f"children:   {' '.join(st.children(args.store, args.id)) or '-'}")
-    print(f"metadata:   {' '.join(img.metadata_keys) or '-'}")
-    print(f"usage:      {st.layer_usage(args.store, args.id)}")
-    print(f"url:        {st.url(args.store, args.id)}")
-    print(f"disk:       {st.datastore_path(args.store, args.id)}")
-    print(f"owners:     {' '.join(st.owners(args.store, args.id)) or '-'}")
+    facts = _image_facts(st, args.store, _image_id(st, args.store, args.id))
+    _emit(args, facts, [f"{k + ':':<11} {_show(v)}" for k, v in facts.items()])
+
+
+def _show(value):
+    if isinstance(value, list):
+        value = " ".join(value)
+    return "-" if value in (None, "") else value
+
+
+def _image_id(st, store, text):
+    """An image ID, or the image a reference names."""
+    from .oci.refs import RefStore
+    return RefStore(st, store).resolve(text).image
 
 
 def cmd_image_meta(args):
     st = _open_store(args)
-    meta = st.metadata(args.store, args.id)
+    meta = st.metadata(args.store, _image_id(st, args.store, args.id))
     if args.key is None:
-        for key in sorted(meta):
-            print(key)
+        _emit(args, sorted(meta), sorted(meta))
         return
     if args.key not in meta:
-        raise ImageFSError(f"image {args.id} has no metadata key {args.key}")
+        raise errors.NotFound(f"image {args.id} has no metadata key {args.key}")
     sys.stdout.buffer.write(meta[args.key])
 
 
 def cmd_image_rm(args):
     st = _open_store(args)
     if args.branch:
-        for image_id in st.delete_branch(args.store, args.id):
+        for image_id in st.delete_branch(args.store, args.id, keep=_refs(st, args.store)):
             print(image_id)
     else:
         st.delete_image(args.store, args.id)
+
+
+def cmd_image_load(args):
+    from .oci.load import load
+    st = _open_store(args)
+    loaded = load(st, args.store, args.src, tags=args.tag or (), name=args.name, progress=_progress(args))
+    rows = [{"image": x.image, "refs": x.names, "layers": x.layers, "written": x.written} for x in loaded]
+    _emit(args, rows, [f"{x.image} {' '.join(x.names) or '-'} ({x.written} of {len(x.layers)} layers written)"
+                       for x in loaded])
+
+
+def cmd_image_save(args):
+    from .oci.save import save
+    st = _open_store(args)
+    digest = save(st, args.store, args.ref, args.output, fmt=args.format, progress=_progress(args))
+    print(digest)
+
+
+def cmd_image_tag(args):
+    from .oci.refs import RefStore
+    st = _open_store(args)
+    refs = RefStore(st, args.store)
+    print(refs.tag(refs.resolve(args.image).image, args.ref).name)
+
+
+def cmd_image_untag(args):
+    from .oci.refs import RefStore
+    RefStore(_open_store(args), args.store).untag(args.ref)
 
 
 # --- export -------------------------------------------------------------------------------------
@@ -186,73 +259,94 @@ def _filter_spec(args):
                       rebase=args.rebase or "", strip=args.strip or "")
 
 
-def _write_stream(chunks, output):
-    if output in (None, "-"):
-        out = sys.stdout.buffer
-        for chunk in chunks:
-            out.write(chunk)
-        out.flush()
-        return
-    tmp = f"{output}.part"
+def _write_stream(args, chunks, label):
+    """Write a tar stream to -o FILE (atomically: FILE.part renamed when complete) or stdout."""
+    output = args.output
+    progress = _progress(args, label)
     try:
-        with open(tmp, "wb") as out:
+        if output in (None, "-"):
+            if sys.stdout.isatty():
+                raise InvalidInput("refusing to write a tar to a terminal: use -o FILE or redirect stdout")
+            out = sys.stdout.buffer
             for chunk in chunks:
                 out.write(chunk)
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+                progress.update(len(chunk))
+            out.flush()
+            return
+        tmp = f"{output}.part"
+        try:
+            with open(tmp, "wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                    progress.update(len(chunk))
+            os.replace(tmp, output)
+        except OSError as e:
+            raise ImageFSError(f"{output}: {e.strerror or e}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    finally:
+        progress.done()
 
 
 def cmd_export(args):
     from .export import export_diff
     st = _open_store(args)
-    new = st.tree(args.store, args.id)
-    old = st.tree(args.store, args.ancestor) if args.ancestor else None
-    _write_stream(export_diff(new, old, spec=_filter_spec(args), data=not args.no_data), args.output)
+    new = st.tree(args.store, _image_id(st, args.store, args.id))
+    old = st.tree(args.store, _image_id(st, args.store, args.ancestor)) if args.ancestor else None
+    _write_stream(args, export_diff(new, old, spec=_filter_spec(args), data=not args.no_data), f"exporting {args.id}")
 
 
 # --- containers ---------------------------------------------------------------------------------
 def cmd_container_join(args):
-    c = _open_store(args).join(args.store, args.image, args.id)
+    st = _open_store(args)
+    c = st.join(args.store, _image_id(st, args.store, args.image), args.id)
     print(c.disk)
 
 
 def cmd_container_ls(args):
-    for c in _open_store(args).list_containers():
-        print(f"{c.id} {c.store}/{c.image}")
+    rows = [{"id": c.id, "store": c.store, "image": c.image, "disk": c.disk}
+            for c in _open_store(args).list_containers()]
+    _emit(args, rows, [f"{r['id']} {r['store']}/{r['image']}" for r in rows])
 
 
 def cmd_container_rm(args):
     _open_store(args).remove_container(args.id)
 
 
-def cmd_container_import(args):
+def cmd_container_cp(args):
     st = _open_store(args)
-    if args.file in (None, "-"):
-        stats = st.container_import(args.id, sys.stdin.buffer, spec=_filter_spec(args))
-    else:
-        with open(args.file, "rb") as src:
-            stats = st.container_import(args.id, src, spec=_filter_spec(args))
+    src, size, close = _open_input(args.file)
+    progress = _progress(args, f"copying into {args.id}", size)
+
+    class Counting:                  # progress as the bytes are read
+        def read(self, n=-1):
+            data = src.read(n)
+            progress.update(len(data))
+            return data
+
+    try:
+        stats = st.container_import(args.id, Counting(), spec=_filter_spec(args))
+    finally:
+        progress.done()
+        if close:
+            src.close()
     print(f"{stats.entries} entries")
 
 
 def cmd_container_export(args):
     st = _open_store(args)
-    _write_stream(st.container_export(args.id, changes=args.changes, spec=_filter_spec(args),
-                                      data=not args.no_data), args.output)
+    _write_stream(args, st.container_export(args.id, changes=args.changes, spec=_filter_spec(args),
+                                            data=not args.no_data), f"exporting {args.id}")
 
 
-# --- mount --------------------------------------------------------------------------------------
+# --- mounts -------------------------------------------------------------------------------------
 def cmd_mount(args):
     from .fuse.mount import mount
     if args.mountpoint is None:
         args.datastore_pos, args.mountpoint = None, args.datastore_pos
-    datastore = args.datastore_pos or args.datastore
-    if datastore is None:
-        from .datastore.base import default_datastore_path
-        datastore = default_datastore_path()
+    args.datastore = args.datastore_pos or args.datastore
+    datastore = _datastore_spec(args)
     options = [o for opt in (args.options or []) for o in opt.split(",") if o]
     return mount(datastore, args.mountpoint, foreground=args.foreground, options=options)
 
@@ -262,11 +356,69 @@ def cmd_umount(args):
     return umount(args.mountpoint, lazy=args.lazy)
 
 
+def cmd_status(args):
+    from .fuse.mount import active_mounts
+    rows = active_mounts()
+    lines = [f"{'MOUNTPOINT':<32} {'DATASTORE':<32} {'PID':>7}  STATE"]
+    lines += [f"{m['mountpoint']:<32} {m['datastore']:<32} {m['pid'] or '-':>7}  {m['state']}" for m in rows]
+    _emit(args, rows, lines)
+
+
+def cmd_version(args):
+    info = versions()
+    _emit(args, info, [f"{k} {v}" for k, v in info.items()])
+
+
+def versions():
+    import ctypes
+    from importlib import metadata
+
+    def dist(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    try:
+        lib = ctypes.CDLL("libfuse3.so.3")
+        lib.fuse_pkgversion.restype = ctypes.c_char_p
+        libfuse = lib.fuse_pkgversion().decode()
+    except (OSError, AttributeError):
+        libfuse = "not found"
+    return {"imagefs": dist("imagefs"), "libfuse": libfuse, "pyfuse3": dist("pyfuse3"), "trio": dist("trio"),
+            "pyvmomi": dist("pyvmomi"), "python": sys.version.split()[0]}
+
+
+def cmd_completion(args):
+    from .completion import bash_completion
+    sys.stdout.write(bash_completion(build_parser()))
+
+
+def cmd_install_helpers(args):
+    from .fuse.helper import install_helpers
+    for path in install_helpers(args.dir):
+        print(path)
+
+
+# --- the parser ---------------------------------------------------------------------------------
+class _Once(argparse.Action):
+    """An option that may be given once (a second --rebase is an error, not a silent override)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} can be given only once")
+        setattr(namespace, self.dest, values)
+
+
 def _add_filter_flags(p):
     p.add_argument("--include", action="append", metavar="PATH", help="keep PATH even under an exclusion")
     p.add_argument("--exclude", action="append", metavar="PATH", help="leave PATH (and below) out")
-    p.add_argument("--rebase", metavar="PATH", help="prefix every name with PATH")
-    p.add_argument("--strip", metavar="PATH", help="remove PATH from the front of every name")
+    p.add_argument("--rebase", action=_Once, metavar="PATH", help="prefix every name with PATH (once)")
+    p.add_argument("--strip", action=_Once, metavar="PATH", help="remove PATH from the front of every name (once)")
+
+
+def _json_flag(p):
+    p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def build_parser():
@@ -274,29 +426,34 @@ def build_parser():
     p.add_argument("--datastore", metavar="PATH",
                    help="datastore directory (default $IMAGEFS_DATASTORE or ~/.local/share/imagefs)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens on stderr")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--version", action="store_true", help="versions of imagefs, libfuse, pyfuse3, trio, pyvmomi")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    store = sub.add_parser("store", help="image stores").add_subparsers(dest="sub", required=True)
-    c = store.add_parser("create", help="create a store with its scratch image")
+    store = sub.add_parser("store", help="image stores").add_subparsers(dest="sub", required=True, metavar="SUB")
+    c = store.add_parser("create", help="create a store with its scratch image (and the datastore)")
     c.add_argument("name")
     c.add_argument("--capacity", default="8GB", help="scratch disk capacity (default 8GB)")
     c.set_defaults(func=cmd_store_create)
-    store.add_parser("ls", help="list stores").set_defaults(func=cmd_store_ls)
+    c = store.add_parser("ls", help="list stores")
+    _json_flag(c)
+    c.set_defaults(func=cmd_store_ls)
     c = store.add_parser("rm", help="delete a store")
     c.add_argument("name")
     c.add_argument("--force", action="store_true", help="also delete the images it holds")
     c.set_defaults(func=cmd_store_rm)
     c = store.add_parser("usage", help="bytes of layer disks in a store (scratch excluded)")
     c.add_argument("name")
+    _json_flag(c)
     c.set_defaults(func=cmd_store_usage)
     c = store.add_parser("check", help="verify every image; list broken images and leftovers (exit 1 if any)")
     c.add_argument("name")
     c.add_argument("--repair", action="store_true", help="remove what is provably debris of killed writers")
-    c.add_argument("--json", action="store_true", help="the report as JSON")
+    _json_flag(c)
     c.add_argument("--no-data", action="store_true", help="read the trees' metadata but not the file data")
     c.set_defaults(func=cmd_store_check)
 
-    image = sub.add_parser("image", help="images").add_subparsers(dest="sub", required=True)
+    image = sub.add_parser("image", help="images").add_subparsers(dest="sub", required=True, metavar="SUB")
     c = image.add_parser("write", help="write a layer from a tar (plain, gzip, bzip2, xz or zstd)")
     c.add_argument("store")
     c.add_argument("parent")
@@ -306,49 +463,78 @@ def build_parser():
     c.add_argument("--sum", metavar="sha256:HEX", help="expected sha256 of the bytes read")
     c.add_argument("--writer", choices=["kernel", "fuse2fs"], help="how the layer's ext4 is mounted for writing")
     c.set_defaults(func=cmd_image_write)
-    c = image.add_parser("ls", help="list images")
+    c = image.add_parser("ls", help="list images with their references")
     c.add_argument("store")
-    c.add_argument("-q", "--quiet", action="store_true", help="IDs only")
+    c.add_argument("-q", "--quiet", dest="quiet_ids", action="store_true", help="IDs only")
+    _json_flag(c)
     c.set_defaults(func=cmd_image_ls)
-    c = image.add_parser("info", help="parent, metadata keys, usage, URL, owners")
+    c = image.add_parser("info", help="parent, metadata keys, usage, URL, owners, references")
     c.add_argument("store")
-    c.add_argument("id")
+    c.add_argument("id", help="image ID or reference")
+    _json_flag(c)
     c.set_defaults(func=cmd_image_info)
     c = image.add_parser("meta", help="list metadata keys, or print one value")
     c.add_argument("store")
     c.add_argument("id")
     c.add_argument("key", nargs="?")
+    _json_flag(c)
     c.set_defaults(func=cmd_image_meta)
     c = image.add_parser("rm", help="delete an image")
     c.add_argument("store")
     c.add_argument("id")
     c.add_argument("--branch", action="store_true", help="also delete ancestors that become unused")
     c.set_defaults(func=cmd_image_rm)
+    c = image.add_parser("load", help="load a docker save archive, OCI layout or OCI archive")
+    c.add_argument("store")
+    c.add_argument("src", help="docker save archive, OCI layout directory or OCI archive")
+    c.add_argument("--tag", action="append", metavar="NAME:TAG", help="also name the image so (repeatable)")
+    c.add_argument("--name", help="NAME for references the source gives as a bare tag (default: SRC's name)")
+    _json_flag(c)
+    c.set_defaults(func=cmd_image_load)
+    c = image.add_parser("save", help="save an image as an OCI layout/archive or a docker archive")
+    c.add_argument("store")
+    c.add_argument("ref", help="reference (NAME:TAG) or image ID")
+    c.add_argument("-o", "--output", required=True, metavar="PATH",
+                   help="OCI: a layout directory, or an archive if PATH ends in .tar; docker-archive: a file")
+    c.add_argument("--format", choices=["oci", "docker-archive"], default="oci")
+    c.set_defaults(func=cmd_image_save)
+    c = image.add_parser("tag", help="name an image NAME:TAG")
+    c.add_argument("store")
+    c.add_argument("image", help="image ID or reference")
+    c.add_argument("ref", metavar="NAME[:TAG]")
+    c.set_defaults(func=cmd_image_tag)
+    c = image.add_parser("untag", help="remove a reference")
+    c.add_argument("store")
+    c.add_argument("ref", metavar="NAME[:TAG]")
+    c.set_defaults(func=cmd_image_untag)
 
     c = sub.add_parser("export", help="write the tar diff of an image against an ancestor")
     c.add_argument("store")
-    c.add_argument("id")
+    c.add_argument("id", help="image ID or reference")
     c.add_argument("--ancestor", help="diff against this image (default: the whole image)")
     _add_filter_flags(c)
     c.add_argument("--no-data", action="store_true", help="headers only, tagged with change_type A/C/D")
-    c.add_argument("-o", "--output", help="file to write (default stdout)")
+    c.add_argument("-o", "--output", help="file to write (default stdout, never a terminal)")
     c.set_defaults(func=cmd_export)
 
-    cont = sub.add_parser("container", help="container read-write layers").add_subparsers(dest="sub", required=True)
+    cont = sub.add_parser("container", help="container read-write layers").add_subparsers(
+        dest="sub", required=True, metavar="SUB")
     c = cont.add_parser("join", help="create a container's read-write disk on an image")
     c.add_argument("store")
     c.add_argument("image")
     c.add_argument("id")
     c.set_defaults(func=cmd_container_join)
-    cont.add_parser("ls", help="list containers").set_defaults(func=cmd_container_ls)
+    c = cont.add_parser("ls", help="list containers")
+    _json_flag(c)
+    c.set_defaults(func=cmd_container_ls)
     c = cont.add_parser("rm", help="delete a container's disk")
     c.add_argument("id")
     c.set_defaults(func=cmd_container_rm)
-    c = cont.add_parser("import", help="copy a tar into a container's disk (like docker cp)")
+    c = cont.add_parser("cp", help="copy a tar's files into a container's disk (like docker cp)")
     c.add_argument("id")
     c.add_argument("file", nargs="?")
     _add_filter_flags(c)
-    c.set_defaults(func=cmd_container_import)
+    c.set_defaults(func=cmd_container_cp)
     c = cont.add_parser("export", help="tar of a container's tree (or its changes with --changes)")
     c.add_argument("id")
     c.add_argument("--changes", action="store_true", help="only what changed against its image")
@@ -368,6 +554,18 @@ def build_parser():
     c.add_argument("mountpoint")
     c.add_argument("-z", "--lazy", action="store_true")
     c.set_defaults(func=cmd_umount)
+    c = sub.add_parser("status", help="active imagefs mounts and their daemons")
+    _json_flag(c)
+    c.set_defaults(func=cmd_status)
+    c = sub.add_parser("version", help="versions of imagefs and what it runs on")
+    _json_flag(c)
+    c.set_defaults(func=cmd_version)
+    c = sub.add_parser("completion", help="print the bash completion script")
+    c.add_argument("shell", choices=["bash"], nargs="?", default="bash")
+    c.set_defaults(func=cmd_completion)
+    c = sub.add_parser("install-helpers", help="install the mount(8) helpers (mount.fuse.imagefs, mount.imagefs)")
+    c.add_argument("--dir", default="/sbin", help="where mount(8) looks for helpers (default /sbin)")
+    c.set_defaults(func=cmd_install_helpers)
     return p
 
 
@@ -403,26 +601,32 @@ def main(argv=None):
 def _main(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.version:
+        args.json = False
+        return cmd_version(args) or 0
+    if args.command is None:
+        parser.error("a COMMAND is needed (imagefs --help lists them)")
     if args.command == "mount" and args.datastore_pos is None and args.mountpoint is None:
         parser.error("mount needs a MOUNTPOINT")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="imagefs: %(levelname)s: %(message)s")
+    logging.getLogger("libarchive").setLevel(logging.WARNING)   # its INFO lines are not ours to show
     try:
         rc = args.func(args)
     except ImageFSError as e:
         print(f"imagefs: {e}", file=sys.stderr)
-        return 1
+        return exit_code(e)
     except KeyboardInterrupt:
         _say("imagefs: interrupted")
-        return 128 + signal.SIGINT
+        return EXIT_INTERRUPTED
     except _Terminated as t:
         _say(f"imagefs: stopped by {signal.Signals(t.signum).name}")
         return 128 + t.signum
     except BrokenPipeError:
-        return 1
+        return EXIT_FAILED
     except OSError as e:
         print(f"imagefs: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     return rc or 0
 
 

@@ -11,14 +11,19 @@ ImageTree (stat, readdir, xattr presence) and the export build on these:
 * ``has_xattrs`` lets readers skip dissect for the many inodes that have none, and
   ``vfs_acl`` gives POSIX ACLs in the form getxattr shows, not ext4's on-disk form.
 
-Only what those need: superblock geometry, group descriptors, inode records,
-extent maps and linear directory parsing (htree blocks read linearly, as every
-ext4 reader may). Anything unexpected raises CorruptDisk or is reported as
+Only what those need: superblock geometry, group descriptors, inode records
+(``decode_stat`` is the one place an inode's fields are decoded), extent maps and
+linear directory parsing (htree blocks read linearly, as every ext4 reader may),
+and the codecs of device numbers and timestamps (the layer writer's debugfs pass
+encodes with them). Anything unexpected raises CorruptDisk or is reported as
 "unknown" (None) so the caller can fall back to the slower, general way.
 """
 import bisect
 import functools
+import os
+import stat as statmod
 import struct
+from typing import NamedTuple
 
 from .errors import CorruptDisk
 
@@ -28,8 +33,9 @@ _INCOMPAT_64BIT = 0x80
 _RO_COMPAT_GDT_CSUM = 0x10
 _RO_COMPAT_METADATA_CSUM = 0x400
 _BG_INODE_UNINIT = 0x1
-_EXTENTS_FL = 0x80000
-_INLINE_DATA_FL = 0x10000000
+_HUGE_FILE_FL = 0x40000
+EXTENTS_FL = 0x80000
+INLINE_DATA_FL = 0x10000000
 _EXTENT_MAGIC = 0xF30A
 _XATTR_MAGIC = 0xEA020000
 _S_IFMT = 0o170000
@@ -44,7 +50,7 @@ _EXT_INDEX = struct.Struct("<IIHH")     # index: ei_block, ei_leaf_lo, ei_leaf_h
 class Geometry:
     """Superblock and group-descriptor facts of the ext4 on a chain."""
 
-    def __init__(self, chain):
+    def __init__(self, chain, cache=None, token=None):
         self.chain = chain
         sb = chain.pread(_SB_OFFSET, 1024)
         if len(sb) < 1024 or struct.unpack_from("<H", sb, 0x38)[0] != _EXT4_MAGIC:
@@ -53,6 +59,7 @@ class Geometry:
          blocks_per_group, _cpg, self.inodes_per_group) = struct.unpack_from("<11I", sb, 0)
         self.block_size = 1024 << log_bs
         self.first_ino, self.inode_size = struct.unpack_from("<IH", sb, 0x54)
+        self.label = sb[0x78:0x88].split(b"\0", 1)[0].decode("utf-8", "replace")
         incompat, ro_compat = struct.unpack_from("<II", sb, 0x60)
         desc_size = struct.unpack_from("<H", sb, 0xFE)[0] if incompat & _INCOMPAT_64BIT else 32
         blocks_hi = struct.unpack_from("<I", sb, 0x150)[0] if incompat & _INCOMPAT_64BIT else 0
@@ -62,7 +69,11 @@ class Geometry:
         gdt = chain.pread((first_data_block + 1) * self.block_size, n_groups * desc_size)
         if len(gdt) != n_groups * desc_size:
             raise CorruptDisk("group descriptor table is truncated")
-        self._table_block = functools.lru_cache(maxsize=1024)(self._read_block)
+        if cache is None:
+            self._table_block = functools.lru_cache(maxsize=256)(self._read_block)
+        else:       # inode-table blocks share the tree's cache (imagefs/cache.py)
+            self._table_block = lambda block: cache.get((token, "itable", block), lambda: self._read_block(block),
+                                                        _block_cost)
         self.inode_tables = []      # per group: first block of its inode table
         self.used_in_group = []     # per group: how many inodes from the start may be in use
         for g in range(n_groups):
@@ -114,6 +125,94 @@ class Geometry:
         if len(data) != self.block_size:
             raise CorruptDisk(f"inode table block {block} lies beyond the disk")
         return data
+
+
+class Stat(NamedTuple):
+    """What stat(2) shows of an inode."""
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int        # 512-byte units, as st_blocks
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @property
+    def is_dir(self):
+        return statmod.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self):
+        return statmod.S_ISREG(self.mode)
+
+    @property
+    def is_lnk(self):
+        return statmod.S_ISLNK(self.mode)
+
+
+_INODE_HEAD = struct.Struct("<HHIIIIIHHII")     # mode .. flags (offsets 0x00-0x23)
+_INODE_HI = struct.Struct("<IIIIHHHH")          # generation, file_acl_lo, size_hi, obso_faddr, blocks_hi .. gid_hi
+_INODE_EXTRA = struct.Struct("<HHIII")          # extra_isize, checksum_hi, ctime_extra, mtime_extra, atime_extra
+
+
+def decode_stat(rec, ino, block_size):
+    """The Stat of a raw inode record; CorruptDisk for features imagefs does not read."""
+    (mode, uid_lo, size_lo, atime, ctime, mtime, _dtime, gid_lo, nlink, blocks_lo,
+     flags) = _INODE_HEAD.unpack_from(rec)
+    if flags & INLINE_DATA_FL:
+        raise CorruptDisk(f"inode {ino} uses inline_data, which is not supported")
+    _gen, _acl, size_hi, _faddr, blocks_hi, _acl_hi, uid_hi, gid_hi = _INODE_HI.unpack_from(rec, 0x64)
+    extra_isize, _csum, ctime_x, mtime_x, atime_x = _INODE_EXTRA.unpack_from(rec, 0x80)
+    if extra_isize < 16:
+        ctime_x = mtime_x = atime_x = 0
+    blocks = blocks_lo | (blocks_hi << 32)
+    if flags & _HUGE_FILE_FL:
+        blocks *= block_size // 512
+    kind = mode & _S_IFMT
+    rdev = decode_rdev(rec[0x28:0x30]) if kind in (statmod.S_IFCHR, statmod.S_IFBLK) else 0
+    return Stat(ino, mode, nlink, uid_lo | (uid_hi << 16), gid_lo | (gid_hi << 16), rdev,
+                size_lo | (size_hi << 32), blocks,
+                decode_time(atime, atime_x), decode_time(mtime, mtime_x), decode_time(ctime, ctime_x))
+
+
+def decode_rdev(i_block):
+    """Device number from the start of i_block, old (16-bit) or new (32-bit) encoding, as os.makedev."""
+    old, new = struct.unpack_from("<II", i_block)
+    if old:
+        return os.makedev((old >> 8) & 0xFF, old & 0xFF)
+    return os.makedev((new & 0xFFF00) >> 8, (new & 0xFF) | ((new >> 12) & 0xFFF00))
+
+
+def encode_rdev(major, minor):
+    """i_block[0], i_block[1] as the kernel's ext4 stores a device number."""
+    if major < 256 and minor < 256:
+        return (major << 8) | minor, 0
+    return 0, (minor & 0xff) | (major << 8) | ((minor & ~0xff) << 12)
+
+
+def decode_time(seconds, extra):
+    """Nanoseconds since the epoch: 32-bit signed seconds, plus 2 epoch bits and 30 ns bits in *_extra."""
+    if seconds & 0x80000000:
+        seconds -= 1 << 32
+    return (seconds + ((extra & 3) << 32)) * 1_000_000_000 + (extra >> 2)
+
+
+def time_extra(sec, nsec):
+    """The *_extra field: nanoseconds << 2 plus the epoch bits beyond signed 32-bit seconds."""
+    low = (sec + (1 << 31)) % (1 << 32) - (1 << 31)
+    return (nsec << 2) | (((sec - low) >> 32) & 3)
+
+
+def flags_of(rec):
+    return struct.unpack_from("<I", rec, 0x20)[0]
+
+
+def _block_cost(block):
+    return 100 + len(block)
 
 
 def mode_of(rec):
@@ -186,7 +285,7 @@ def uses_blocks(rec):
     flags, = struct.unpack_from("<I", rec, 0x20)
     if kind == _S_IFDIR:
         return True
-    return kind == _S_IFLNK and bool(flags & _EXTENTS_FL or size_of(rec) >= 60)
+    return kind == _S_IFLNK and bool(flags & EXTENTS_FL or size_of(rec) >= 60)
 
 
 def extent_map(geo, rec):
@@ -196,7 +295,7 @@ def extent_map(geo, rec):
     the caller treats as "cannot tell what changed".
     """
     flags, = struct.unpack_from("<I", rec, 0x20)
-    if not flags & _EXTENTS_FL or flags & _INLINE_DATA_FL:
+    if not flags & EXTENTS_FL or flags & INLINE_DATA_FL:
         return None
     runs, tree_blocks = [], []
     _walk_extents(geo, rec[0x28:0x28 + 60], runs, tree_blocks, depth_left=5)

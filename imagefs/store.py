@@ -13,7 +13,7 @@ A layer is sealed before any child is made of it and never opened writable again
 import errno
 import logging
 import posixpath
-import threading
+import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -40,6 +40,22 @@ class Image:
     parent: str | None          # None for scratch
     disk: str                   # datastore-relative path of the layer's VMDK
     metadata_keys: tuple = field(default=())
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """A store's sealed images with their parents, children and layer sizes, built from one
+    walk of the store's images directory (plus each disk's descriptor, read once)."""
+    images: dict            # id -> Image
+    usage: dict             # id -> bytes of the layer's VMDK files
+    children: dict          # id -> [child ids], sorted
+
+    def ancestors(self, image_id):
+        out, img = [], self.images[image_id]
+        while img.parent is not None and img.parent in self.images:
+            out.append(img.parent)
+            img = self.images[img.parent]
+        return out
 
 
 @dataclass(frozen=True)
@@ -82,15 +98,19 @@ def _container_disk(container_id):
 class ImageStore:
     """All image stores of one datastore."""
 
-    def __init__(self, datastore, *, writer_method=None, workdir=None, recover=True):
-        """``recover=False`` leaves what killed writers left alone (``store check`` reports it)."""
+    def __init__(self, datastore, *, writer_method=None, workdir=None, catalogue_ttl=0.0, recover=True):
+        """``catalogue_ttl``: how long a store's catalogue may be reused (seconds); changes
+        made through this object are seen at once, others' after at most that long.
+        ``recover=False`` leaves what killed writers left alone (``store check`` reports it)."""
         self.ds = datastore
         self.writer_method = writer_method
         self.workdir = workdir
+        self.catalogue_ttl = catalogue_ttl
         self._recover = recover
         self._cleaned = set()
-        self._trees = {}
-        self._lock = threading.Lock()
+        self._catalogues = {}         # store -> (monotonic time built, Catalogue)
+        self._containers = None       # (monotonic time listed, [Container])
+        self._parents = {}            # (disk, size, mtime) -> parent disk path or None
         self.ds.mkdir(ROOT_DIR, parents=True)
         if recover:
             recover_work_dirs(workdir)      # what killed writers of this machine left running
@@ -99,7 +119,10 @@ class ImageStore:
     def create_store(self, name, capacity=scratch_disk.DEFAULT_CAPACITY):
         """Create store ``name`` with its scratch image; Exists if it is there already."""
         check_id(name, "store name")
-        self.ds.mkdir(_store_dir(name))  # atomic: raises Exists for a taken name
+        try:
+            self.ds.mkdir(_store_dir(name))  # atomic: raises Exists for a taken name
+        except Exists:
+            raise Exists(f"image store {name} already exists") from None
         try:
             self.ds.mkdir(_images_dir(name))
             self.ds.mkdir(_image_dir(name, SCRATCH))
@@ -146,9 +169,9 @@ class ImageStore:
             writing = [i for i in self._incomplete_ids(name) if self._is_being_written(name, i)]
             if writing:
                 raise InUse(f"image store {name} has a layer write in progress ({', '.join(writing)})")
-            self._forget_trees(name)
             self.ds.rmtree(_store_dir(name))
         self._cleaned.discard(name)
+        self._changed(name)
         log.info("deleted image store %s", name)
 
     # --- half-made images ---------------------------------------------------------------------
@@ -192,8 +215,8 @@ class ImageStore:
         with self.ds.lock(_claim_path(store, image_id), exclusive=True, blocking=False) as got:
             if not got:
                 return False
-            self._forget_trees(store, image_id)
             self.ds.rmtree(d)
+        self._changed(store)
         return True
 
     def _drop_stale_claim(self, store, image_id):
@@ -247,7 +270,57 @@ class ImageStore:
         parent_disk = posixpath.normpath(posixpath.join(posixpath.dirname(disk), extent.parent_hint))
         return posixpath.basename(parent_disk)[: -len(".vmdk")], parent_disk
 
+    def catalogue(self, store):
+        """The store's Catalogue: one walk of its images directory, descriptors read once per disk."""
+        self.get_store(store)
+        cached = self._catalogues.get(store)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < self.catalogue_ttl:
+            return cached[1]
+        files = self.ds.walk(_images_dir(store))
+        names = {}
+        for path, info in files.items():
+            image_id, _, rest = path.partition("/")
+            names.setdefault(image_id, {})[rest] = info
+        images, usage, children = {}, {}, {}
+        for image_id, held in sorted(names.items()):
+            disk_info = held.get(f"{image_id}.vmdk")
+            if "manifest" not in held or disk_info is None:
+                continue        # being written, or a crash's leftover (see _cleanup)
+            disk = _disk_path(store, image_id)
+            parent = None
+            if image_id != SCRATCH:
+                parent_disk = self._parent_disk(disk, disk_info)
+                parent = None if parent_disk is None else posixpath.basename(parent_disk)[: -len(".vmdk")]
+            keys = tuple(sorted(k.partition("/")[2] for k in held if k.startswith("imageMetadata/")))
+            images[image_id] = Image(image_id, store, parent, disk, keys)
+            usage[image_id] = sum(info.size for name, info in held.items() if "/" not in name and name.endswith(".vmdk"))
+        for img in images.values():
+            if img.parent is not None:
+                children.setdefault(img.parent, []).append(img.id)
+        catalogue = Catalogue(images, usage, children)
+        self._catalogues[store] = (now, catalogue)
+        return catalogue
+
+    def _parent_disk(self, disk, info):
+        """The parent disk's path from a disk's descriptor, read once per (disk, size, mtime)."""
+        key = (disk, info.size, info.mtime_ns)
+        if key not in self._parents or info.mtime_ns is None:
+            self._parents[key] = self._parent_of_disk(disk)[1]
+        return self._parents[key]
+
+    def _changed(self, store=None):
+        """This object changed a store (or containers): its next catalogue is built anew."""
+        if store is None:
+            self._containers = None
+        else:
+            self._catalogues.pop(store, None)
+
     def get_image(self, store, image_id):
+        if self.catalogue_ttl:          # a mount: answered from the catalogue while it is fresh
+            img = self.catalogue(store).images.get(image_id)
+            if img is not None:
+                return img
         self.get_store(store)
         check_id(image_id)
         d = _image_dir(store, image_id)
@@ -264,20 +337,22 @@ class ImageStore:
         return Image(image_id, store, parent, disk, keys)
 
     def list_images(self, store, include_scratch=True):
-        self.get_store(store)
-        return [self.get_image(store, i) for i in self._image_ids(store)
-                if include_scratch or i != SCRATCH]
+        return [img for img in self.catalogue(store).images.values() if include_scratch or img.id != SCRATCH]
+
+    def _catalogued(self, store, image_id):
+        catalogue = self.catalogue(store)
+        if image_id not in catalogue.images:
+            self.get_image(store, image_id)       # NotFound, with the reason
+            self._changed(store)                  # made since the catalogue was built
+            catalogue = self.catalogue(store)
+        return catalogue
 
     def children(self, store, image_id):
-        return [img.id for img in self.list_images(store, include_scratch=False) if img.parent == image_id]
+        return list(self._catalogued(store, image_id).children.get(image_id, ()))
 
     def ancestors(self, store, image_id):
         """The image's parents from the nearest up to scratch."""
-        out, img = [], self.get_image(store, image_id)
-        while img.parent is not None:
-            out.append(img.parent)
-            img = self.get_image(store, img.parent)
-        return out
+        return self._catalogued(store, image_id).ancestors(image_id)
 
     def metadata(self, store, image_id):
         img = self.get_image(store, image_id)
@@ -310,6 +385,7 @@ class ImageStore:
                                  expected_sum=expected_sum, method=self.writer_method,
                                  workdir=self.workdir, progress=progress, on_archive_end=on_archive_end)
             self._commit(d, metadata)
+        self._changed(store)
         log.info("wrote image %s/%s (parent %s, %s, %d bytes)", store, image_id, parent_id,
                  result.digest, result.size)
         return self.get_image(store, image_id), result
@@ -346,11 +422,15 @@ class ImageStore:
         owners = self.owners(store, image_id)
         if owners:
             raise InUse(f"image {image_id} is in use by containers: {', '.join(owners)}")
+        from .oci.refs import RefStore
+        refs = RefStore(self, store).refs_of(image_id)
+        if refs:
+            raise InUse(f"image {image_id} is tagged {', '.join(refs)}; untag it first")
         d = _image_dir(store, image_id)
-        self._forget_trees(store, image_id)
         self.ds.remove(f"{d}/manifest")      # first: from here on the image does not exist
         self.ds.remove(img.disk)
         self.ds.rmtree(d)
+        self._changed(store)
         log.info("deleted image %s/%s", store, image_id)
 
     def delete_branch(self, store, image_id, keep=()):
@@ -381,47 +461,24 @@ class ImageStore:
     def open_chain(self, disk):
         return DiskChain(disk, self.ds.open_read)
 
-    def tree(self, store, image_id):
-        """The (cached) read API of a sealed image.
-
-        A cached tree is reused only while the image's disk still has the CID it was
-        opened with: another process may have deleted the image and written a new one
-        under the same ID (a new disk gets a new random CID).
-        """
-        key = (store, image_id)
-        tree = self._trees.get(key)
-        if tree is not None:
-            try:
-                current = self._read_extent(_disk_path(store, image_id)).cid
-            except (ImageFSError, FileNotFoundError):
-                current = None
-            if current == tree.chain.layers[0].cid and self.ds.exists(f"{_image_dir(store, image_id)}/manifest"):
-                return tree
-            self._forget_trees(store, image_id)
+    def tree(self, store, image_id, cache=None):
+        """The read API of a sealed image, opened anew (a mount keeps its own, see fuse/namespace.py);
+        ``cache`` is where it keeps what it reads (imagefs/cache.py; one of its own by default)."""
         img = self.get_image(store, image_id)
-        tree = ImageTree(self.open_chain(img.disk), name=f"{store}/{image_id}")
-        with self._lock:
-            tree = self._trees.setdefault(key, tree)
-        return tree
-
-    def _forget_trees(self, store, image_id=None):
-        """Drop cached trees; their files close when the last user lets go (a mount may
-        still be reading an old incarnation)."""
-        with self._lock:
-            for key in [k for k in self._trees if k[0] == store and image_id in (None, k[1])]:
-                del self._trees[key]
+        return ImageTree(self.open_chain(img.disk), name=f"{store}/{image_id}", cache=cache)
 
     # --- usage, URLs ----------------------------------------------------------------------------
     def layer_usage(self, store, image_id):
         """Bytes of the VMDK files of one layer."""
+        if self.catalogue_ttl:
+            return self._catalogued(store, image_id).usage[image_id]
         self.get_image(store, image_id)
         d = _image_dir(store, image_id)
         return sum(self.ds.size(f"{d}/{n}") for n in self.ds.listdir(d) if n.endswith(".vmdk"))
 
     def usage(self, store):
         """Bytes of all layer VMDKs of a store, scratch excluded (as VIC counts)."""
-        self.get_store(store)
-        return sum(self.layer_usage(store, i) for i in self._image_ids(store) if i != SCRATCH)
+        return sum(n for i, n in self.catalogue(store).usage.items() if i != SCRATCH)
 
     def datastore_path(self, store, image_id):
         img = self.get_image(store, image_id)
@@ -448,9 +505,19 @@ class ImageStore:
         except BaseException:
             self.ds.rmtree(container_id)
             raise
+        self._changed()
         return Container(container_id, store, image_id, _container_disk(container_id))
 
     def list_containers(self):
+        cached = self._containers
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < self.catalogue_ttl:
+            return list(cached[1])
+        out = self._list_containers()
+        self._containers = (now, out)
+        return list(out)
+
+    def _list_containers(self):
         out = []
         for name in self.ds.listdir(""):
             disk = _container_disk(name)
@@ -479,6 +546,7 @@ class ImageStore:
     def remove_container(self, container_id):
         c = self.get_container(container_id)
         self.ds.rmtree(container_id)
+        self._changed()
         return c
 
     @contextmanager
@@ -507,7 +575,7 @@ class ImageStore:
                       if self.ds.exists(f"{_image_dir(s, target)}/manifest")]
             if sealed:
                 raise ReadOnly(f"image {target} in store {sealed[0]} is sealed and cannot change; "
-                               "import into a container joined to it instead") from None
+                               "copy into a container joined to it instead") from None
             raise
         backup = f"{c.disk}.import-backup"
         self.ds.copy_file(c.disk, backup)

@@ -2,109 +2,54 @@
 
 ``ImageTree`` answers lookup, stat, readdir, readlink, read and xattr questions by
 ext4 inode number (the root is 2), in-process and unprivileged, over a
-``DiskChain``: inodes and directories are parsed by ``imagefs.ext4`` (struct over
-cached inode-table blocks), file data, symlinks and xattrs by dissect.extfs. Inode numbers are the ext4 ones, so they are
-stable, and hardlinks share one.
+``DiskChain``. Inodes, directories, symlinks and file data are read by
+``imagefs.ext4`` (struct over inode-table blocks, extent maps, preads of the
+chain); xattrs and the rare block-mapped (ext2/3 style) files by dissect.extfs.
+Inode numbers are the ext4 ones, so they are stable, and hardlinks share one.
 
-Sealed images never change, so answers are cached freely. dissect's parser keeps
-a file position, so each thread gets its own parser over the shared (pread-based)
-chain; the caches hold plain immutable values and are shared.
+Sealed images never change, so every answer is kept in a ``Cache`` (shared by all
+the trees of a mount, see imagefs/cache.py). dissect's parser keeps a file
+position, so each thread gets its own parser over the shared (pread-based) chain.
 """
-import os
-import stat as statmod
+import itertools
 import struct
 import threading
-from dataclasses import dataclass
-from functools import lru_cache
 
 from dissect.extfs import ExtFS
 from dissect.extfs import exceptions as extfs_errors
 
 from . import ext4
+from .cache import Cache
 from .errors import CorruptDisk, InvalidInput, NotFound
+from .ext4 import Stat  # noqa: F401 - the read API's stat type
 
 ROOT_INO = 2
-_EXT4_HUGE_FILE_FL = 0x40000
-_EXT4_INLINE_DATA_FL = 0x10000000
 _READ_ERRORS = (extfs_errors.Error, EOFError, ValueError, KeyError, IndexError, struct.error)
+_tokens = itertools.count(1)
 
-
-@dataclass(frozen=True, slots=True)
-class Stat:
-    ino: int
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    rdev: int
-    size: int
-    blocks: int        # 512-byte units, as st_blocks
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-
-    @property
-    def is_dir(self):
-        return statmod.S_ISDIR(self.mode)
-
-    @property
-    def is_reg(self):
-        return statmod.S_ISREG(self.mode)
-
-    @property
-    def is_lnk(self):
-        return statmod.S_ISLNK(self.mode)
-
-
-def _rdev(i_block):
-    """Device number from i_block, old (16-bit) or new (32-bit) ext2 encoding, as os.makedev."""
-    old, new = struct.unpack_from("<II", i_block)
-    if old:
-        return _makedev((old >> 8) & 0xFF, old & 0xFF)
-    return _makedev((new & 0xFFF00) >> 8, (new & 0xFF) | ((new >> 12) & 0xFFF00))
-
-
-_INODE_HEAD = struct.Struct("<HHIIIIIHHII")
-
-
-def _ns(seconds, extra):
-    """ext4 timestamp: 32-bit seconds, plus 2 epoch bits and 30 ns bits in the extra field."""
-    if seconds & 0x80000000:
-        seconds -= 1 << 32
-    return (seconds + ((extra & 3) << 32)) * 1_000_000_000 + (extra >> 2)
-
-
-def _makedev(major, minor):
-    return os.makedev(major, minor)
+# what one cached answer costs, roughly in bytes of memory
+_STAT_COST = 400
+_ENTRY_COST = 200
 
 
 class ImageTree:
     """Read-only inode-level access to the ext4 filesystem inside a disk chain."""
 
-    def __init__(self, chain, name=None):
+    def __init__(self, chain, name=None, cache=None):
         self.chain = chain
         self.name = name or chain.layers[0].path
+        self.cache = cache if cache is not None else Cache(8 << 20)
+        self._token = next(_tokens)
         self._local = threading.local()
         try:
-            self.geo = ext4.Geometry(chain)
+            self.geo = ext4.Geometry(chain, self.cache, self._token)
         except CorruptDisk as e:
             raise CorruptDisk(f"{self.name}: {e}") from None
-        fs = self._fs()          # fail early on a disk dissect cannot read
-        sb = fs.sb
         if self.geo.inode_size != 256:
             raise CorruptDisk(f"{self.name}: ext4 inode size {self.geo.inode_size} is not supported (need 256)")
         self.block_size = self.geo.block_size
-        self.blocks_total = fs.block_count
-        self.blocks_free = (sb.s_free_blocks_count_hi << 32) | sb.s_free_blocks_count_lo
         self.inodes_total = self.geo.inodes_count
-        self.inodes_free = sb.s_free_inodes_count
-        self.label = fs.volume_name
-        self.stat = lru_cache(maxsize=65536)(self._stat)
-        self.readdir = lru_cache(maxsize=4096)(self._readdir)
-        self._index = lru_cache(maxsize=4096)(self._dir_index)
-        self.xattrs = lru_cache(maxsize=16384)(self._xattrs)
-        self.readlink = lru_cache(maxsize=16384)(self._readlink)
-        self._file_map = lru_cache(maxsize=4096)(self._map_file)
+        self.label = self.geo.label
 
     # --- parser per thread --------------------------------------------------------
     def _fs(self):
@@ -123,11 +68,14 @@ class ImageTree:
             node.inode  # parse now, so errors surface here
         except _READ_ERRORS as e:
             raise CorruptDisk(f"{self.name}: cannot read inode {ino} ({e})") from None
-        if node.inode.i_flags & _EXT4_INLINE_DATA_FL:
+        if node.inode.i_flags & ext4.INLINE_DATA_FL:
             raise CorruptDisk(f"{self.name}: inode {ino} uses inline_data, which is not supported")
         return node
 
-    # --- the API ---------------------------------------------------------------------
+    # --- the API (each answer cached) --------------------------------------------------
+    def _cached(self, kind, ino, make, cost):
+        return self.cache.get((self._token, kind, ino), make, cost)
+
     def _raw_inode(self, ino):
         """The 256-byte on-disk inode record."""
         if not 1 <= ino <= self.inodes_total:
@@ -137,27 +85,26 @@ class ImageTree:
         except CorruptDisk as e:
             raise CorruptDisk(f"{self.name}: {e}") from None
 
+    def stat(self, ino):
+        return self._cached("stat", ino, lambda: self._stat(ino), _const(_STAT_COST))
+
     def _stat(self, ino):
-        raw = self._raw_inode(ino)
-        (mode, uid_lo, size_lo, atime, ctime, mtime, _dtime, gid_lo, nlink, blocks_lo,
-         flags) = _INODE_HEAD.unpack_from(raw)
-        size_hi, = struct.unpack_from("<I", raw, 108)
-        blocks_hi, _acl_hi, uid_hi, gid_hi = struct.unpack_from("<HHHH", raw, 116)
-        extra_isize, = struct.unpack_from("<H", raw, 128)
-        ctime_x, mtime_x, atime_x = struct.unpack_from("<III", raw, 132) if extra_isize >= 16 else (0, 0, 0)
-        if flags & _EXT4_INLINE_DATA_FL:
-            raise CorruptDisk(f"{self.name}: inode {ino} uses inline_data, which is not supported")
-        blocks = blocks_lo | (blocks_hi << 32)
-        if flags & _EXT4_HUGE_FILE_FL:
-            blocks *= self.block_size // 512
-        rdev = _rdev(raw[40:100]) if statmod.S_ISCHR(mode) or statmod.S_ISBLK(mode) else 0
-        return Stat(
-            ino=ino, mode=mode, nlink=nlink, uid=uid_lo | (uid_hi << 16), gid=gid_lo | (gid_hi << 16),
-            rdev=rdev, size=size_lo | (size_hi << 32), blocks=blocks,
-            atime_ns=_ns(atime, atime_x), mtime_ns=_ns(mtime, mtime_x), ctime_ns=_ns(ctime, ctime_x))
+        try:
+            return ext4.decode_stat(self._raw_inode(ino), ino, self.block_size)
+        except CorruptDisk as e:
+            raise CorruptDisk(f"{self.name}: {e}") from None
+
+    def readdir(self, ino):
+        """Entries of directory ``ino`` as a tuple of (name bytes, inode), without . and .."""
+        return self._cached("dir", ino, lambda: self._readdir(ino), _per_entry)
+
+    def entries(self, ino):
+        """Entries of directory ``ino`` as a tuple of (name bytes, Stat)."""
+        stat = self.stat
+        return self._cached("entries", ino, lambda: tuple((name, stat(child)) for name, child in self.readdir(ino)),
+                            _per_entry)
 
     def _readdir(self, ino):
-        """Entries of directory ``ino`` as a tuple of (name bytes, inode), without . and .."""
         if not self.stat(ino).is_dir:
             raise InvalidInput(f"inode {ino} is not a directory")
         rec = self._raw_inode(ino)
@@ -177,8 +124,8 @@ class ImageTree:
                 raise CorruptDisk(f"{self.name}: directory inode {ino} names inode {child} out of range")
         return tuple(entries)
 
-    def _dir_index(self, ino):
-        return dict(self.readdir(ino))
+    def _index(self, ino):
+        return self._cached("index", ino, lambda: dict(self.readdir(ino)), _per_entry)
 
     def lookup(self, dir_ino, name):
         """Inode number of ``name`` (bytes) in directory ``dir_ino``; NotFound if absent."""
@@ -199,17 +146,24 @@ class ImageTree:
                 ino = self.lookup(ino, part)
         return ino
 
+    def readlink(self, ino):
+        return self._cached("link", ino, lambda: self._readlink(ino), lambda v: 100 + len(v))
+
     def _readlink(self, ino):
-        node = self._inode(ino)
-        if not statmod.S_ISLNK(node.inode.i_mode):
+        st = self.stat(ino)
+        if not st.is_lnk:
             raise InvalidInput(f"inode {ino} is not a symlink")
-        try:
-            return node.open().read()
-        except _READ_ERRORS as e:
-            raise CorruptDisk(f"{self.name}: cannot read symlink inode {ino} ({e})") from None
+        rec = self._raw_inode(ino)
+        if st.size < 60 and not ext4.flags_of(rec) & ext4.EXTENTS_FL:
+            return rec[0x28:0x28 + st.size]             # a fast symlink: the target is in i_block
+        return self.read(ino, 0, st.size)
+
+    def xattrs(self, ino):
+        """All xattrs of ``ino`` as getxattr shows them: a dict of name bytes to value bytes."""
+        return self._cached("xattrs", ino, lambda: self._xattrs(ino),
+                            lambda v: 100 + sum(len(k) + len(x) + 100 for k, x in v.items()))
 
     def _xattrs(self, ino):
-        """All xattrs of ``ino`` as getxattr shows them: a dict of name bytes to value bytes."""
         if not ext4.has_xattrs(self._raw_inode(ino)):
             return {}
         try:
@@ -220,8 +174,8 @@ class ImageTree:
             raise CorruptDisk(f"{self.name}: cannot read xattrs of inode {ino} ({e})") from None
 
     def read(self, ino, offset, size):
-        """``size`` bytes of file ``ino`` from ``offset`` (short at end of file). Thread-safe."""
-        fmap = self._file_map(ino)
+        """``size`` bytes of file (or symlink) ``ino`` from ``offset`` (short at end of file). Thread-safe."""
+        fmap = self.file_map(ino)
         if fmap is not None:
             try:
                 return fmap.read(offset, size)
@@ -234,10 +188,14 @@ class ImageTree:
         except _READ_ERRORS as e:
             raise CorruptDisk(f"{self.name}: cannot read inode {ino} ({e})") from None
 
+    def file_map(self, ino):
+        """The extent map of a regular file or symlink, or None when it is not extent-mapped."""
+        return self._cached("map", ino, lambda: self._map_file(ino),
+                            lambda v: 200 + (0 if v is None else 60 * len(v.runs)))
+
     def _map_file(self, ino):
-        """The extent map of a regular file, or None when it is not extent-mapped."""
         st = self.stat(ino)
-        if not st.is_reg:
+        if not (st.is_reg or st.is_lnk):
             raise InvalidInput(f"inode {ino} is not a regular file")
         try:
             mapped = ext4.extent_map(self.geo, self._raw_inode(ino))
@@ -257,8 +215,8 @@ class ImageTree:
         """(offset, length) byte ranges of a regular file that hold data; holes are left out."""
         node = self._inode(ino)
         size = node.size
-        if node.inode.i_flags & _EXT4_INLINE_DATA_FL or size == 0:
-            return [(0, size)] if size else []
+        if size == 0:
+            return []
         ranges, pos = [], 0
         for block, count in node.dataruns():
             length = count * self.block_size
@@ -279,3 +237,11 @@ class ImageTree:
             yield path, st
             if st.is_dir:
                 yield from self.walk(child, path)
+
+
+def _const(n):
+    return lambda _value: n
+
+
+def _per_entry(value):
+    return 100 + _ENTRY_COST * len(value)

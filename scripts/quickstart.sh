@@ -38,7 +38,7 @@ Try:
   ls $MNT                                             # stores
   ls -l $MNT/demo/images/                             # images (scratch, hello)
   cat $MNT/demo/images/hello/rootfs/usr/share/hello/hello.sh
-  tar -tvf $MNT/demo/images/hello/export/scratch.tar  # the image as a layer tar
+  tar -tvf $MNT/demo/images/hello/rootfs.tar          # the whole image as a tar
   tar -C / -cf - etc/hostname > $MNT/demo/images/hello/import/world   # add a layer
   ls $MNT/demo/images/world/rootfs/etc
   cat $MNT/demo/images/hello/info.json

@@ -10,8 +10,10 @@ APT_PACKAGES=(
   qemu-utils qemu-system-common          # qemu-img; qemu-storage-daemon (in qemu-system-common)
   libarchive13 libarchive-tools          # tar reading for imports; bsdtar as a test oracle
   attr acl tar gzip bzip2 xz-utils zstd  # getfattr/setfattr, setfacl/getfacl; compressed layer inputs
-  umoci                                  # independent layer applier used as a test oracle
-  fio util-linux procps psmisc           # benchmarks; mount/losetup/setpriv; pkill/fuser
+  umoci skopeo                           # OCI images: independent layer applier and image tool (test oracles)
+  debootstrap                            # a real Debian rootfs for the OCI image tests
+  fio bindfs util-linux procps psmisc    # benchmarks (bindfs: a C FUSE peer); mount/losetup/setpriv; pkill/fuser
+  patch                                  # the project's patch to pyfuse3 (scripts/build-pyfuse3.sh)
   python3 python3-venv python3-dev gcc
 )
 
@@ -30,3 +32,4 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+./scripts/build-pyfuse3.sh               # pyfuse3 with cache_readdir (patches/)

@@ -1,5 +1,6 @@
 """The imagefs command line, run as a user would: a subprocess, real files."""
 import io
+import json
 import os
 import subprocess
 import sys
@@ -78,6 +79,29 @@ def test_write_errors_are_one_line(cli, tmp_path):
     one_line_error(cli("image", "write", "s", "scratch", "trunc", "-", input=data[:600], ok=False))
     one_line_error(cli("image", "write", "s", "scratch", "m", str(tmp_path / "missing.tar"), ok=False))
     one_line_error(cli("image", "info", "nostore", "x", ok=False))
+    assert "import failure reports" in one_line_error(cli("image", "write", "s", "scratch", "x.error", "-",
+                                                          input=data, ok=False))
+    assert one_line_error(cli("store", "create", "s", ok=False)) == "imagefs: image store s already exists"
+
+
+def test_exit_codes_json_version_and_status(cli, tmp_path):
+    assert cli("store", "ls", ok=False).returncode == 3                      # no datastore yet: not created
+    assert not os.path.exists(tmp_path / "ds")
+    cli("store", "create", "s", "--capacity", "256MiB")
+    assert cli("image", "info", "s", "nope", ok=False).returncode == 3      # not found
+    assert cli("image", "rm", "s", "scratch", ok=False).returncode == 4     # in use
+    assert cli("image", "write", "s", "scratch", "a/b", "-", input=b"", ok=False).returncode == 2   # invalid
+    assert cli("store", "create", "s", ok=False).returncode == 5            # exists
+    assert cli("export", "s", "scratch", "--rebase", "a", "--rebase", "b", ok=False).returncode == 2
+    assert json.loads(cli("store", "ls", "--json").stdout) == ["s"]
+    assert json.loads(cli("image", "ls", "s", "--json").stdout)[0]["id"] == "scratch"
+    assert json.loads(cli("image", "info", "s", "scratch", "--json").stdout)["parent"] is None
+    assert json.loads(cli("container", "ls", "--json").stdout) == []
+    assert json.loads(cli("store", "usage", "s", "--json").stdout) == {"store": "s", "usage": 0}
+    assert isinstance(json.loads(cli("status", "--json").stdout), list)
+    version = cli("--version").stdout.decode()
+    for name in ("imagefs", "libfuse", "pyfuse3", "trio", "pyvmomi"):
+        assert f"\n{name} " in "\n" + version
     assert cli("image", "ls", "s", "-q").stdout == b"scratch\n"
 
 
@@ -96,3 +120,33 @@ def test_export_whole_image_and_diff(cli, tmp_path):
         names = tf.getnames()
     assert "d/g" in names and "etc/hostname" in names and not any(".wh." in n for n in names)
     assert not os.path.exists(str(out) + ".part")
+
+
+def test_progress_on_a_terminal_and_no_tar_to_a_terminal(cli, tmp_path):
+    import pty
+    cli("store", "create", "s", "--capacity", "256MiB")
+    tar = tmp_path / "big.tar"
+    tar.write_bytes(make_tar([("big", "file", {"data": os.urandom(64 << 20)})]))
+    ds = str(tmp_path / "ds")
+
+    def on_tty(*args, stdout_tty=False):
+        master, slave = pty.openpty()
+        proc = subprocess.run([sys.executable, "-m", "imagefs", "--datastore", ds, *args],
+                              stdout=slave if stdout_tty else subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        seen = b""
+        try:
+            while chunk := os.read(master, 65536):
+                seen += chunk
+        except OSError:
+            pass
+        os.close(master)
+        return proc, seen.decode(errors="replace")
+
+    proc, seen = on_tty("image", "write", "s", "scratch", "big", str(tar))
+    assert proc.returncode == 0 and "%" in seen and "/ 64.0 MiB" in seen   # a bar with the known total
+    assert proc.stdout.startswith(b"big sha256:")                          # stdout carries only the result
+    proc, seen = on_tty("-q", "image", "write", "s", "scratch", "quiet", str(tar))
+    assert proc.returncode == 0 and "%" not in seen
+    proc, seen = on_tty("export", "s", "big", stdout_tty=True)
+    assert proc.returncode == 2 and "refusing to write a tar to a terminal" in seen

@@ -101,13 +101,13 @@ def test_container_cli(tmp_path):
     cli("image", "write", "s", "scratch", "img", input=make_tar([("a", "file", {"data": b"a"})]))
     assert cli("container", "join", "s", "img", "web") == b"web/web.vmdk\n"
     assert cli("container", "ls") == b"web s/img\n"
-    cli("container", "import", "web", "--rebase", "srv", input=make_tar([("b", "file", {"data": b"b"})]))
+    cli("container", "cp", "web", "--rebase", "srv", input=make_tar([("b", "file", {"data": b"b"})]))
     out = tmp_path / "c.tar"
     cli("container", "export", "web", "--changes", "-o", str(out))
     with tarfile.open(out) as tf:
         assert tf.getnames() == ["srv", "srv/b"]
-    proc = subprocess.run([sys.executable, "-m", "imagefs", "--datastore", ds, "container", "import", "img"],
+    proc = subprocess.run([sys.executable, "-m", "imagefs", "--datastore", ds, "container", "cp", "img"],
                           input=b"", capture_output=True)
-    assert proc.returncode == 1 and b"sealed" in proc.stderr
+    assert proc.returncode == 6 and b"sealed" in proc.stderr       # exit code 6: read-only
     cli("container", "rm", "web")
     assert cli("container", "ls") == b""

@@ -215,6 +215,24 @@ def test_whiteout_of_parent_keeps_this_layers_children(root):
     assert os.listdir(root / "p") == ["new"]
 
 
+@pytest.mark.parametrize("order", ["whiteout-first", "whiteout-last", "whiteout-between"])
+def test_whiteout_and_dir_entry_in_one_layer(root, order):
+    """OCI: a whiteout hides only lower content. With ``.wh.doc`` and this layer's own
+    ``doc/`` entries (the directory entry included) in any order, exactly this layer's
+    entries stay under doc."""
+    lower(root, "usr/share/doc/old/README", "usr/share/doc/oldfile", "usr/share/keep")
+    wh = member("usr/share/.wh.doc")
+    own = [member("usr/share/doc/", "dir", mode=0o750), member("usr/share/doc/new", data=b"n"),
+           member("usr/share/doc/old/", "dir"), member("usr/share/doc/old/NEW", data=b"m")]
+    members = {"whiteout-first": [wh] + own, "whiteout-last": own + [wh],
+               "whiteout-between": own[:1] + [wh] + own[1:]}[order]
+    apply(root, make_tar(*members))
+    assert sorted(os.listdir(root / "usr/share/doc")) == ["new", "old"]
+    assert os.listdir(root / "usr/share/doc/old") == ["NEW"]
+    assert stat.S_IMODE(lst(root / "usr/share/doc").st_mode) == 0o750
+    assert sorted(os.listdir(root / "usr/share")) == ["doc", "keep"]
+
+
 @pytest.mark.parametrize("order", ["opaque-first", "opaque-last"])
 def test_opaque_dir(root, order):
     lower(root, "o/old", "o/olddir/x", "o/sub/oldinsub", "other/keep")

@@ -4,6 +4,7 @@ import os
 import signal
 import struct
 import subprocess
+import sys
 
 import pytest
 
@@ -48,18 +49,55 @@ def test_mount_returns_when_ready(ds, mnt):
 @pytest.mark.parametrize("case,reason", [
     ("no mountpoint", "not a directory"),
     ("unknown option", "unknown mount option 'colour=red'"),
-    ("datastore is a file", "cannot use as a datastore"),
+    ("datastore is a file", "does not exist"),
+    ("log in a missing directory", "log=/nonexistent/dir/log: No such file or directory"),
+    ("unknown writer", "writer=nope: use one of kernel, fuse2fs"),
+    ("missing workdir", "workdir=/nonexistent: no such directory"),
 ])
 def test_failed_start_says_why(ds, mnt, tmp_path, case, reason):
     if case == "no mountpoint":
         proc = start(ds, tmp_path / "missing")
     elif case == "unknown option":
         proc = start(ds, mnt, "colour=red")
+    elif case == "log in a missing directory":
+        proc = start(ds, mnt, "log=/nonexistent/dir/log")
+    elif case == "unknown writer":
+        proc = start(ds, mnt, "writer=nope")
+    elif case == "missing workdir":
+        proc = start(ds, mnt, "workdir=/nonexistent")
     else:                                              # reported by the daemon, through the pipe
         (tmp_path / "file").write_text("x")
         proc = start(tmp_path / "file" / "sub", mnt)
     assert proc.returncode != 0
-    assert reason in proc.stderr
+    assert reason in proc.stderr and "Traceback" not in proc.stderr
+    assert not is_mounted(mnt)
+
+
+def test_a_second_mount_on_one_mountpoint_is_refused(ds, mnt):
+    assert start(ds, mnt).returncode == 0
+    pid = daemon_pid(mnt)
+    proc = start(ds, mnt)
+    assert proc.returncode != 0 and f"already an imagefs mount of {os.path.realpath(ds)} (daemon {pid})" in proc.stderr
+    with open("/proc/self/mountinfo") as f:
+        assert sum(line.split()[4] == mnt for line in f) == 1
+
+
+def test_sigterm_gives_writers_of_running_imports_ecanceled(ds, mnt, tmp_path):
+    """As documented: the writer's next write fails with ECANCELED, not ECONNABORTED."""
+    assert start(ds, mnt).returncode == 0
+    pid = daemon_pid(mnt)
+    target = image_path(mnt, "base", "import", "cut")
+    ready = tmp_path / "ready"
+    code = (f"import os, time\nfd = os.open({target!r}, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)\n"
+            "os.write(fd, bytes(10240))\n"
+            f"open({str(ready)!r}, 'w').close()\ntime.sleep(3)\n"
+            "try:\n    os.write(fd, bytes(10240))\n    print('ok')\nexcept OSError as e:\n    print(e.errno)\n")
+    writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert wait_for(ready.exists)
+    os.kill(pid, signal.SIGTERM)
+    out, _ = writer.communicate(timeout=30)
+    assert out.strip() == str(errno.ECANCELED)
+    assert wait_for(lambda: not running(pid), timeout=30)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -212,3 +250,19 @@ def _errno_of(fn):
     except OSError as e:
         return e.errno
     return None
+
+
+def test_installed_helper_runs_with_an_empty_environment(ds, mnt, tmp_path):
+    """mount(8) runs helpers without PATH or venv: the installed helper names its Python."""
+    from imagefs.fuse.helper import install_helpers
+    helpers = tmp_path / "sbin"
+    helpers.mkdir()
+    written = install_helpers(str(helpers))
+    assert [os.path.basename(p) for p in written] == ["mount.fuse.imagefs", "mount.imagefs"]
+    proc = subprocess.run(["env", "-i", str(helpers / "mount.imagefs"), str(ds), mnt, "-o", "ro"],
+                          capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    assert os.listdir(mnt) == [STORE]
+    with open("/proc/self/mountinfo") as f:
+        (line,) = [line for line in f if line.split()[4] == mnt]
+    assert line.split(" - ")[1].split()[1] == os.path.abspath(ds)     # fstab matches it: mount -a mounts once

@@ -161,18 +161,18 @@ def test_device_nodes_do_not_open(mnt):
         open(image_path(mnt, "base", "rootfs", "dev", "null"), "rb")
 
 
-def test_mount_options_are_safe_by_default(mnt):
+def test_mount_options_are_safe_by_default(mnt, datastore):  # noqa: F811
     with open("/proc/self/mountinfo") as f:
         line = next(line for line in f if line.split()[4] == mnt)
     opts, fstype, source = line.split()[5].split(","), line.split(" - ")[1].split()[0], line.split(" - ")[1].split()[1]
     assert {"nosuid", "nodev"} <= set(opts)
-    assert "default_permissions" in line and fstype == "fuse.imagefs" and source == "imagefs"
+    assert "default_permissions" in line and fstype == "fuse.imagefs" and source == os.path.abspath(datastore)   # mount(8) matches fstab by it
 
 
 def test_image_facts(mnt, datastore):  # noqa: F811
     assert sorted(os.listdir(os.path.join(mnt, "s", "images"))) == sorted(IMAGES)
-    assert sorted(os.listdir(image_path(mnt, "child"))) == ["export", "import", "info.json", "meta", "parent",
-                                                            "rootfs"]
+    assert sorted(os.listdir(image_path(mnt, "child"))) == ["export", "import", "info.json", "meta", "parent", "rootfs",
+                                                            "rootfs.tar"]
     assert "parent" not in os.listdir(image_path(mnt, "scratch"))
     assert os.readlink(image_path(mnt, "child", "parent")) == "../base"
     assert os.path.samefile(image_path(mnt, "child", "parent"), image_path(mnt, "base"))

@@ -2,4 +2,4 @@
 
 Paths are datastore-relative POSIX strings ("VIC/<store>/images/<id>/<id>.vmdk").
 """
-from .base import Datastore, ReadHandle, open_datastore  # noqa: F401
+from .base import Datastore, FileInfo, ReadHandle, open_datastore  # noqa: F401

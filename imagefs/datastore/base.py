@@ -6,8 +6,15 @@ pyvmomi. Tools that need real files (qemu-img, qemu-storage-daemon, mke2fs) get
 them through ``local_path``.
 """
 import os
+import posixpath
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
+from typing import NamedTuple
+
+
+class FileInfo(NamedTuple):
+    size: int
+    mtime_ns: int | None     # None where the backend cannot tell
 
 
 class ReadHandle(ABC):
@@ -40,6 +47,19 @@ class Datastore(ABC):
     @abstractmethod
     def size(self, path):
         """Size of a file in bytes, as the datastore reports it (VIC sums these for usage)."""
+
+    def walk(self, path):
+        """Every file below directory ``path``, as {path relative to it: FileInfo}; NotFound if
+        it is missing. One call, so a backend can answer it with one search of the subtree
+        (the image store builds its catalogue of a store's images from one walk)."""
+        out = {}
+        for name in self.listdir(path):
+            full = posixpath.join(path, name)
+            if self.is_dir(full):
+                out.update({posixpath.join(name, k): v for k, v in self.walk(full).items()})
+            else:
+                out[name] = FileInfo(self.size(full), None)
+        return out
 
     @abstractmethod
     def read_file(self, path): ...

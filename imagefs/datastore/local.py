@@ -6,7 +6,7 @@ import shutil
 from contextlib import contextmanager
 
 from ..errors import Exists, ImageFSError, NotFound
-from .base import Datastore, ReadHandle
+from .base import Datastore, FileInfo, ReadHandle
 
 
 class LocalReadHandle(ReadHandle):
@@ -55,6 +55,29 @@ class LocalDatastore(Datastore):
             return sorted(os.listdir(self.local_path(path)))
         except FileNotFoundError:
             raise NotFound(f"{path}: no such directory") from None
+
+    def walk(self, path):
+        top = self.local_path(path)
+        if not os.path.isdir(top):
+            raise NotFound(f"{path}: no such directory")
+        out, todo = {}, [""]
+        while todo:
+            rel = todo.pop()
+            try:
+                entries = list(os.scandir(os.path.join(top, rel)))
+            except FileNotFoundError:
+                continue        # removed while walked
+            for e in entries:
+                name = os.path.join(rel, e.name) if rel else e.name
+                try:
+                    if e.is_dir(follow_symlinks=False):
+                        todo.append(name)
+                    else:
+                        st = e.stat(follow_symlinks=False)
+                        out[name] = FileInfo(st.st_size, st.st_mtime_ns)
+                except FileNotFoundError:
+                    continue
+        return out
 
     def is_dir(self, path):
         return os.path.isdir(self.local_path(path))

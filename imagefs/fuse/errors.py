@@ -9,6 +9,15 @@ class NotEmpty(InUse):
     errno = errno.ENOTEMPTY
 
 
+class IsADirectory(InvalidInput):
+    errno = errno.EISDIR
+
+
+class PermissionDenied(InvalidInput):
+    """Opening an import file for reading: imports are write-only."""
+    errno = errno.EACCES
+
+
 class NotSupported(InvalidInput):
     """An xattr name imagefs does not keep on that node."""
     errno = errno.ENOTSUP

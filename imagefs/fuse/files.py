@@ -1,12 +1,13 @@
-"""Open handles: files of image trees, small generated files, directory listings.
+"""Open handles: files of image trees, small generated files, exports, directory listings.
 
-Every handle answers ``read``/``write``/``flush``/``release``; import and export
-handles (imports.py, exports.py) answer the same.
+Every handle answers ``read``/``write``/``flush``/``truncate``/``release`` and says
+how the kernel may cache it (``direct_io``, ``keep_cache``); import handles
+(imports.py) answer the same.
 """
 import itertools
 
 from ..errors import ReadOnly
-from .nodes import LOW_MASK
+from .exports import ExportStream
 
 
 class HandleTable:
@@ -22,6 +23,9 @@ class HandleTable:
     def __getitem__(self, fh):
         return self._handles[fh]
 
+    def get(self, fh):
+        return self._handles.get(fh)
+
     def pop(self, fh):
         return self._handles.pop(fh, None)
 
@@ -30,6 +34,9 @@ class HandleTable:
 
 
 class Handle:
+    direct_io = False       # True: every read and write goes to the daemon, uncached
+    keep_cache = True       # False: the kernel drops cached pages of the file at open
+
     async def read(self, off, size):
         raise ReadOnly("not readable")
 
@@ -50,19 +57,18 @@ class TreeFile(Handle):
     """A file of an image tree. Reads are cheap local preads through a cached extent map,
     so they run inline on the event loop (a thread hop would cost more than the read)."""
 
-    def __init__(self, ns, ino, tree, prefetcher):
+    def __init__(self, ns, idx, ino, tree, ext4_ino, size):
+        self._ns = ns
+        self.idx = idx
         self._ino = ino
         self._tree = tree
-        self._ext4_ino = ino & LOW_MASK
-        self._size = tree.stat(self._ext4_ino).size
-        self._prefetcher = prefetcher
-        self._ns = ns
-        self.idx = ino >> 32
-        ns.hold(self.idx)
+        self._ext4_ino = ext4_ino
+        self._size = size
+        ns.hold(idx)
 
     async def read(self, off, size):
         data = self._tree.read(self._ext4_ino, off, size)
-        self._prefetcher.after_read(self._ino, self._tree, self._ext4_ino, self._size, off)
+        self._ns.prefetcher.after_read(self._ino, self._tree, self._ext4_ino, self._size, off)
         return data
 
     def release(self):
@@ -70,16 +76,22 @@ class TreeFile(Handle):
 
 
 class BytesFile(Handle):
-    """A generated file (meta/<key>, info.json, <new-id>.error), its bytes fixed at open."""
+    """A generated file (meta/<key>, info.json, <new-id>.error), its bytes fixed at open.
+    A ``volatile`` one (its size changes) is read uncached, so a stale size never clips it."""
 
-    def __init__(self, data):
+    def __init__(self, data, volatile=False):
         self._data = data
+        self.direct_io = volatile
+        self.keep_cache = not volatile
 
     async def read(self, off, size):
         return self._data[off: off + size]
 
 
 class ExportFileHandle(Handle):
+    direct_io = True
+    keep_cache = False
+
     def __init__(self, stream, on_close):
         self._stream = stream
         self._on_close = on_close
@@ -92,11 +104,28 @@ class ExportFileHandle(Handle):
         self._on_close(self._stream)
 
 
+class Exports:
+    """The export streams of the mount: produced in its nursery, stopped when it goes."""
+
+    def __init__(self):
+        self.nursery = None         # set when the mount starts serving
+        self._streams = set()
+
+    def open(self, make_chunks, name):
+        stream = ExportStream(make_chunks, self.nursery, name)
+        self._streams.add(stream)
+        return ExportFileHandle(stream, self._streams.discard)
+
+    def close_all(self):
+        for stream in list(self._streams):
+            stream.close()
+
+
 class DirHandle:
     """A directory listing, taken on the first readdir so offsets stay valid while it is read."""
 
-    def __init__(self, ino):
-        self.ino = ino
+    def __init__(self, node):
+        self.node = node
         self.entries = None
 
     def release(self):

@@ -5,6 +5,8 @@ for ``mount -t fuse.imagefs`` and fstab lines; umount(8) runs
 ``umount.fuse.imagefs MOUNTPOINT [-flnrv] [-N ns] [-t TYPE]`` (``-l``: lazy).
 """
 import getopt
+import os
+import shlex
 import sys
 
 from .mount import mount, umount
@@ -33,6 +35,32 @@ def _umount(argv):
     if len(positional) != 1:
         return _usage("need MOUNTPOINT", "umount.imagefs [-l] MOUNTPOINT")
     return umount(positional[0], lazy=any(f in ("-l", "-z") for f, _ in flags))
+
+
+HELPER_NAMES = ("mount.fuse.imagefs", "mount.imagefs")
+
+
+def install_helpers(directory="/sbin"):
+    """Write the mount(8) helpers into ``directory`` with this Python's path written in:
+    mount(8) runs helpers with an empty environment (no PATH, no venv), so the helper
+    must name the interpreter that has imagefs. Returns the paths written."""
+    script = ("#!/bin/sh\n"
+              "# mount(8) helper for imagefs, written by `imagefs install-helpers`\n"
+              f"exec {shlex.quote(sys.executable)} -m imagefs.fuse.helper \"$@\"\n")
+    first = os.path.join(directory, HELPER_NAMES[0])
+    tmp = f"{first}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(script)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, first)
+    written = [first]
+    for name in HELPER_NAMES[1:]:
+        link = os.path.join(directory, name)
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.symlink(HELPER_NAMES[0], link)
+        written.append(link)
+    return written
 
 
 def _usage(error, usage):

@@ -130,6 +130,7 @@ ENDED, FINISHED, NEEDS_MORE = "ended", "finished", "needs more"      # where the
 
 class ImportHandle(Handle):
     """One open() of an import file."""
+    direct_io = True        # every write must reach the import, in order
 
     def __init__(self, session, ino, truncate):
         self.session = session

@@ -20,10 +20,11 @@ import pyfuse3
 import trio
 
 from ..datastore import open_datastore
-from ..errors import ImageFSError, InvalidInput
+from ..errors import Exists, ImageFSError, InvalidInput, NotFound
 from ..store import ImageStore
-from .imports import ImportRegistry
-from .nodes import Namespace
+from .imports import ImportHandle, ImportRegistry
+from .namespace import Namespace
+from .nodes import SHORT
 from .ops import Operations
 from .options import parse_options
 
@@ -41,6 +42,16 @@ def mount(datastore: str, mountpoint: str, *, foreground=False, options=()) -> i
         mountpoint = _check_mountpoint(mountpoint)
         if opts.workdir and _is_inside(os.path.abspath(opts.workdir), mountpoint):
             raise InvalidInput("workdir must not be inside the mountpoint")
+        if "://" not in datastore:
+            if not os.path.isdir(datastore):
+                raise NotFound(f"datastore {datastore} does not exist")
+            datastore = os.path.abspath(datastore)
+        for m in active_mounts():
+            if m["mountpoint"] == mountpoint:
+                raise Exists(f"{mountpoint} is already an imagefs mount of {m['datastore']} "
+                             f"({'daemon ' + str(m['pid']) if m['pid'] else 'stale: imagefs umount clears it'})")
+        # the mount's source is the datastore, so mount(8) matches fstab lines (mount -a twice mounts once)
+        opts.fuse = {o for o in opts.fuse if not o.startswith("fsname=")} | {"fsname=" + datastore.replace(",", "\\,")}
     except ImageFSError as e:
         print(f"imagefs: {e}", file=sys.stderr)
         return 1
@@ -79,7 +90,9 @@ def _run(datastore, mountpoint, opts, ready):
     """Mount and serve until unmounted; ``ready()`` is called once requests are served."""
     _setup_logging(opts, background=ready is not None)
     try:
-        store = ImageStore(open_datastore(datastore), writer_method=opts.writer, workdir=opts.workdir)
+        # the catalogue of a store's images lives as long as the kernel keeps their names (SHORT)
+        store = ImageStore(open_datastore(datastore), writer_method=opts.writer, workdir=opts.workdir,
+                           catalogue_ttl=SHORT)
         store.recover()                               # what killed writers left: before serving
         imports = ImportRegistry(store)
         ns = Namespace(store, imports, scratch_capacity=opts.scratch_capacity, pid=os.getpid(),
@@ -109,7 +122,8 @@ async def _serve(ops, mountpoint, ready):
                 serving.start_soon(_stop_on_signal, signals, ops)
                 serving.start_soon(_serve_requests, serving.cancel_scope)
                 # Ready means answering: the kernel's INIT and a first request went through.
-                await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+                st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+                _widen_readahead(st.st_dev)
                 if ready is not None:
                     ready()
         await ops.shutdown()                          # unmounted from outside: abort what is left
@@ -120,10 +134,18 @@ async def _serve_requests(cancel_scope):
     cancel_scope.cancel()
 
 
+CANCEL_GRACE = 3.0     # seconds writers of canceled imports get to hear ECANCELED before the unmount
+
+
 async def _stop_on_signal(signals, ops):
     async for signum in signals:
         log.info("%s: unmounting", signal.Signals(signum).name)
         await ops.shutdown()
+        # Keep answering for a moment: a writer's next write (or close) then fails with
+        # ECANCELED, as documented, instead of ECONNABORTED from a connection already gone.
+        with trio.move_on_after(CANCEL_GRACE):
+            while any(isinstance(h, ImportHandle) for h in ops.handles.values()):
+                await trio.sleep(0.05)
         pyfuse3.terminate()
         return
 
@@ -189,6 +211,23 @@ def _setup_logging(opts, background):
         root.setLevel(level)
 
 
+READAHEAD_KB = 4096
+
+
+def _widen_readahead(dev):
+    """Let the kernel read ahead 4 MiB at a time (in 1 MiB requests) instead of FUSE's 128 KiB.
+
+    A sequential reader then keeps several big reads in flight, which is what a cold
+    read needs to reach the disk's speed. Only root may set it; others keep the default.
+    """
+    path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(READAHEAD_KB))
+    except OSError as e:
+        log.debug("cannot set %s: %s", path, e)
+
+
 # --- helpers ---------------------------------------------------------------------------------
 def _check_mountpoint(mountpoint):
     mp = os.path.abspath(mountpoint)
@@ -221,6 +260,22 @@ def _mounted_fstype(mp):
             if _unescape(fields[4]) == mp:
                 found = fields[sep + 1]
     return found
+
+
+def active_mounts():
+    """Every imagefs mount this process can see: mountpoint, datastore, daemon pid, live or stale."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[sep + 1] != "fuse.imagefs":
+                continue
+            mp = _unescape(fields[4])
+            pid = _daemon_pid(mp)
+            out.append({"mountpoint": mp, "datastore": _unescape(fields[sep + 2]), "pid": pid,
+                        "state": "live" if pid else "stale", "options": fields[5]})
+    return out
 
 
 def _unescape(field):

@@ -1,45 +1,41 @@
-"""The mount's namespace and its inode table.
+"""The nodes of the mount: what each file and directory is and what it answers.
 
 ::
 
     /                                        Root: one directory per image store
     <store>/                                 Store
     <store>/images/                          ImagesDir: one directory per sealed image
+    <store>/refs/<name>:<tag>                RefsDir, RefLink -> ../images/<id> (read-only)
     <store>/images/<id>/                     ImageDir
-        rootfs/...                           the image's tree (ImageTree inodes, not nodes)
+        rootfs/...                           TreeNode: the image's tree (made per request)
         import/<new-id>, <new-id>.error      ImportDir, ImportFile, ImportErrorFile
-        export/<ancestor>[,opts].tar         ExportDir, ExportFile
+        export/<ancestor>[,opts].tar         ExportDir, ExportFile: the diff against an ancestor
+        rootfs[,opts].tar                    WholeImageFile: the whole image as a tar
         meta/<key>                           MetaDir, MetaFile
         parent -> ../<parent-id>             ParentLink (not for scratch)
         info.json                            InfoFile
 
-Inode numbers: synthetic nodes count up from 2 (1 is the root) and stay below 2**32;
-a file of an image tree is ``(image index << 32) | ext4 inode``. Each image gets its
-index the first time the mount sees it, and an index is never reused, so numbers are
-stable for the life of the mount and an image deleted and made again gets new ones
-(the kernel may still hold pages of the old one).
-
-Plain synchronous code, safe to call from worker threads: the adapter (ops.py) calls
-the ``tree_*`` methods inline and everything else from a thread, because that touches
-the image store.
+Every node answers the same questions (getattr, lookup, listdir, open, readlink,
+xattrs and the changes), so the FUSE adapter (ops.py) only dispatches. Plain
+synchronous code over the Namespace (namespace.py). Nodes with ``inline`` set
+answer from memory and local preads and are called on the event loop; the others
+touch the image store and are called from worker threads.
 """
 import json
+import os
 import stat as S
-import threading
-import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..errors import Exists, InUse, InvalidInput, NotFound, ReadOnly
-from ..ids import SCRATCH, check_id
+from ..ext4 import Stat
+from ..ids import check_id
 from ..tree import ROOT_INO as EXT4_ROOT_INO
-from ..tree import Stat
-from .errors import NotEmpty, NotSupported
-from .names import ExportName, export_file_name, parse_export_name
-
-ROOT_INO = 1
-TREE_SHIFT = 32
-LOW_MASK = (1 << TREE_SHIFT) - 1
+from .errors import IsADirectory, NotEmpty, NotSupported, PermissionDenied
+from .files import BytesFile, TreeFile
+from .imports import ImportHandle
+from .inodes import tree_ino
+from .names import WHOLE_IMAGE, ExportName, export_file_name, parse_export_name, parse_whole_image_name
 
 LONG = 300.0      # sealed images never change
 SHORT = 1.0       # stores, images and imports come and go (also from outside this mount)
@@ -47,14 +43,7 @@ NONE = 0.0        # changes with every byte written or every look
 
 XATTR_PREFIX = b"user.imagefs."
 FORCE_DELETE = b"user.imagefs.force-delete"
-
-
-def tree_ino(idx, ext4_ino):
-    return (idx << TREE_SHIFT) | ext4_ino
-
-
-def is_tree_ino(ino):
-    return ino > LOW_MASK
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
 class Entry(NamedTuple):
@@ -79,6 +68,10 @@ class Node:
     mode = S.S_IFDIR | 0o555
     attr_ttl = LONG
     names_ttl = LONG          # for directories: how long names looked up in it stay valid
+    negative_ttl = 0.0        # how long the kernel may remember that a name is absent
+    cache_listing = False     # may the kernel keep the directory's listing
+    inline = False            # answers without the image store: call on the event loop
+    settable = False          # accepts setattr (times, modes: ignored; size: truncate)
 
     def __init__(self, key):
         self.key = key
@@ -90,6 +83,30 @@ class Node:
     def size(self, ns):
         return 0
 
+    # --- what the adapter asks -----------------------------------------------------
+    def getattr(self, ns):
+        return Entry(ns.ino_of(self), ns.stat(self), 0, self.attr_ttl)
+
+    def lookup(self, ns, name):
+        """The Entry of ``name`` in this directory, or None."""
+        if not self.is_dir:
+            raise InvalidInput("not a directory")
+        child = self.find(ns, name)
+        return None if child is None else ns.entry(child, self.names_ttl)
+
+    def listdir(self, ns):
+        return [(name, ns.entry(child, self.names_ttl)) for name, child in self.list(ns)]
+
+    def open(self, ns, flags):
+        """A handle (files.py) for reading or writing this file."""
+        if self.is_dir:
+            raise IsADirectory("is a directory")
+        raise InvalidInput("not a file")
+
+    def readlink(self, ns):
+        raise InvalidInput("not a symlink")
+
+    # --- how a directory is made up ----------------------------------------------------
     def list(self, ns):
         """[(name bytes, Node or tree inode)] of a directory."""
         raise InvalidInput("not a directory")
@@ -102,6 +119,9 @@ class Node:
         return {}
 
     # Changes: everything is read-only unless a node says otherwise.
+    def create(self, ns, name, flags):
+        raise ReadOnly("read-only")
+
     def mkdir(self, ns, name):
         raise ReadOnly("read-only")
 
@@ -127,6 +147,62 @@ class ContentFile(Node):
 
     def size(self, ns):
         return len(self.content(ns))
+
+    def open(self, ns, flags):
+        if flags & _WRITE_FLAGS:
+            raise ReadOnly("read-only")
+        # a size that may change must not let the kernel clip reads to a stale one
+        return BytesFile(self.content(ns), volatile=self.attr_ttl == NONE)
+
+
+# --- an image's tree ------------------------------------------------------------------------
+class TreeNode:
+    """A file of an image tree, made per request (the tree holds everything about it)."""
+    __slots__ = ("tree", "ino", "ext4_ino", "base", "idx")
+    inline = True
+    negative_ttl = LONG
+    cache_listing = True
+    settable = False
+
+    def __init__(self, tree, idx, ino, ext4_ino):
+        self.tree = tree
+        self.idx = idx
+        self.ino = ino
+        self.ext4_ino = ext4_ino
+        self.base = ino - ext4_ino
+
+    def getattr(self, ns):
+        return Entry(self.ino, self.tree.stat(self.ext4_ino), LONG, LONG)
+
+    def lookup(self, ns, name):
+        try:
+            child = self.tree.lookup(self.ext4_ino, name)
+        except NotFound:
+            return None
+        return Entry(self.base | child, self.tree.stat(child), LONG, LONG)
+
+    def listdir(self, ns):
+        base = self.base
+        return [(name, Entry(base | st.ino, st, LONG, LONG)) for name, st in self.tree.entries(self.ext4_ino)]
+
+    def open(self, ns, flags):
+        if flags & _WRITE_FLAGS:
+            raise ReadOnly("read-only")
+        st = self.tree.stat(self.ext4_ino)
+        if not st.is_reg:
+            raise IsADirectory("is a directory") if st.is_dir else InvalidInput("not a regular file")
+        return TreeFile(ns, self.idx, self.ino, self.tree, self.ext4_ino, st.size)
+
+    def readlink(self, ns):
+        return self.tree.readlink(self.ext4_ino)
+
+    def xattrs(self, ns):
+        return self.tree.xattrs(self.ext4_ino)
+
+    def _read_only(self, ns, *_args):
+        raise ReadOnly("read-only")
+
+    create = mkdir = rmdir = unlink = setxattr = removexattr = _read_only
 
 
 # --- the store level ------------------------------------------------------------------------
@@ -173,7 +249,7 @@ class Store(Node):
         self.store = key
 
     def list(self, ns):
-        return [(b"images", ns.node(ImagesDir, self.store))]
+        return [(b"images", ns.node(ImagesDir, self.store)), (b"refs", ns.node(RefsDir, (self.store, "")))]
 
     def xattrs(self, ns):
         out = {b"user.imagefs.usage": str(ns.store.usage(self.store)).encode(),
@@ -244,23 +320,26 @@ class ImageNode(Node):
 
 class ImageDir(ImageNode):
     mode = S.S_IFDIR | 0o755
+    _NODES = {b"import": lambda ref: ImportDir, b"export": lambda ref: ExportDir,
+              export_file_name(WHOLE_IMAGE).encode(): lambda ref: WholeImageFile,
+              b"meta": lambda ref: MetaDir, b"info.json": lambda ref: InfoFile,
+              b"parent": lambda ref: ParentLink if ref.parent else None}
 
     def list(self, ns):
-        ref = self.ref
-        ns.tree(ref)  # open the chain now, in the caller's worker thread
-        out = [(b"rootfs", tree_ino(ref.idx, EXT4_ROOT_INO)),
-               (b"import", ns.node(ImportDir, ref)),
-               (b"export", ns.node(ExportDir, ref)),
-               (b"meta", ns.node(MetaDir, ref)),
-               (b"info.json", ns.node(InfoFile, ref))]
-        if ref.parent is not None:
-            out.append((b"parent", ns.node(ParentLink, ref)))
-        return out
+        return [(b"rootfs", self.find(ns, b"rootfs"))] + [
+            (name, self.find(ns, name)) for name in self._NODES if self.find(ns, name) is not None]
 
     def find(self, ns, name):
         if name == b"rootfs":
-            ns.tree(self.ref)  # open the chain now, in the caller's worker thread
-        return super().find(ns, name)
+            ns.tree(self.ref)  # open the chain only now (in the caller's worker thread)
+            return tree_ino(self.ref.idx, EXT4_ROOT_INO)
+        if name.startswith(WHOLE_IMAGE.encode() + b","):
+            text = name.decode("utf-8", "surrogateescape")
+            return ns.node(WholeImageFile, (self.ref, text)) if parse_whole_image_name(text) else None
+        cls = self._NODES.get(name, lambda ref: None)(self.ref)
+        if cls is WholeImageFile:
+            return ns.node(cls, (self.ref, name.decode()))
+        return None if cls is None else ns.node(cls, self.ref)
 
     def xattrs(self, ns):
         return {XATTR_PREFIX + k.encode(): v.encode() for k, v in _image_info(ns, self.ref).items()
@@ -270,14 +349,49 @@ class ImageDir(ImageNode):
             b"user.imagefs.owners": ",".join(ns.store.owners(self.ref.store, self.ref.id)).encode()}
 
 
+class RefsDir(Node):
+    """``<store>/refs/[<registry/path>/]<name>:<tag>`` -> the image directory (read-only).
+
+    A reference's '/'-separated name becomes directories; its last part is a symlink."""
+    mode = S.S_IFDIR | 0o555
+    attr_ttl = SHORT
+    names_ttl = SHORT
+
+    def list(self, ns):
+        from ..oci.refs import RefStore
+        store, prefix = self.key
+        out = {}
+        for ref in RefStore(ns.store, store).list():
+            if not ref.name.startswith(prefix):
+                continue
+            head, slash, _ = ref.name[len(prefix):].partition("/")
+            if slash:
+                out[head] = ns.node(RefsDir, (store, f"{prefix}{head}/"))
+            else:
+                out[head] = ns.node(RefLink, (store, ref.name, ref.image))
+        return sorted((name.encode(), node) for name, node in out.items())
+
+
+class RefLink(Node):
+    mode = S.S_IFLNK | 0o777
+    attr_ttl = SHORT
+
+    def readlink(self, ns):
+        store, name, image = self.key
+        return b"../" * (name.count("/") + 1) + b"images/" + image.encode()
+
+    def size(self, ns):
+        return len(self.readlink(ns))
+
+
 class ParentLink(ImageNode):
     mode = S.S_IFLNK | 0o777
 
-    def target(self):
+    def readlink(self, ns):
         return b"../" + self.ref.parent.encode()
 
     def size(self, ns):
-        return len(self.target())
+        return len(self.readlink(ns))
 
 
 class InfoFile(ImageNode, ContentFile):
@@ -304,17 +418,17 @@ class MetaFile(ImageNode, ContentFile):
 
 
 class ExportDir(ImageNode):
-    """The ancestors of an image, each as ``<ancestor>.tar``; lookup also takes option-bearing names."""
+    """The ancestors of an image, each as ``<ancestor>.tar`` (scratch has none); lookup also
+    takes option-bearing names."""
 
     def list(self, ns):
-        ancestors = ns.store.ancestors(self.ref.store, self.ref.id) or [SCRATCH]
         return [(export_file_name(a).encode(), ns.node(ExportFile, (self.ref, export_file_name(a))))
-                for a in ancestors]
+                for a in ns.store.ancestors(self.ref.store, self.ref.id)]
 
     def find(self, ns, name):
         text = name.decode("utf-8", "surrogateescape")
         wanted = parse_export_name(text)
-        if wanted is None or wanted.ancestor not in {SCRATCH, *ns.store.ancestors(self.ref.store, self.ref.id)}:
+        if wanted is None or wanted.ancestor not in ns.store.ancestors(self.ref.store, self.ref.id):
             return None
         return ns.node(ExportFile, (self.ref, text))
 
@@ -326,6 +440,27 @@ class ExportFile(ImageNode):
     @property
     def export(self) -> ExportName:
         return parse_export_name(self.key[1])
+
+    def open(self, ns, flags):
+        """A stream of the diff, made while it is read (opening its trees reads VMDK headers)."""
+        from ..export import export_diff
+
+        if flags & _WRITE_FLAGS:
+            raise ReadOnly("read-only")
+        wanted, ref = self.export, self.ref
+        new = ns.tree(ref)
+        old = None if wanted.ancestor is None else \
+            ns.tree(ns.image_ref(ns.store.get_image(ref.store, wanted.ancestor)))   # rootfs.tar: the whole image
+        return ns.exports.open(lambda: export_diff(new, old, spec=wanted.spec, data=wanted.data),
+                               f"{ref.store}/{ref.id}/export/{self.key[1]}")
+
+
+class WholeImageFile(ExportFile):
+    """``rootfs[,opts].tar``: the whole image, a diff against nothing."""
+
+    @property
+    def export(self) -> ExportName:
+        return parse_whole_image_name(self.key[1])
 
 
 class ImportDir(ImageNode):
@@ -340,6 +475,12 @@ class ImportDir(ImageNode):
         for new_id, failure in ns.imports.failures(self.ref.idx):
             out.append((new_id.encode() + ERROR_SUFFIX, ns.node(ImportErrorFile, (self.ref, new_id, failure.serial))))
         return sorted(out)
+
+    def create(self, ns, name, flags):
+        """A pending import for ``name``: (its handle, its Entry)."""
+        child = self.new_import(ns, name)
+        entry = ns.entry(child, self.names_ttl)
+        return ImportHandle(child.session(ns), entry.ino, truncate=bool(flags & os.O_TRUNC)), entry
 
     def new_import(self, ns, name):
         """A pending import for ``name`` (the ``create`` of import/<new-id>)."""
@@ -373,6 +514,12 @@ class ImportFile(ImageNode):
     """A pending or running import: write a tar into it. Its size is the bytes received so far."""
     mode = S.S_IFREG | 0o200
     attr_ttl = NONE
+    settable = True     # cp -p, touch and tar set times and modes on what they write: accepted, ignored
+
+    def open(self, ns, flags):
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            raise PermissionDenied("write-only: the layer is read back from rootfs/")
+        return ImportHandle(self.session(ns), ns.ino_of(self), truncate=bool(flags & os.O_TRUNC))
 
     @property
     def new_id(self):
@@ -407,168 +554,6 @@ class ImportErrorFile(ImageNode, ContentFile):
         if failure is None or failure.serial != self.key[2]:
             raise NotFound(f"no failure report for import {self.new_id}")
         return failure.message.encode() + b"\n"
-
-
-# --- the namespace -------------------------------------------------------------------------
-class Namespace:
-    """Nodes by inode number, and the image trees behind ``rootfs``."""
-
-    def __init__(self, store, imports, *, scratch_capacity, pid, uid, gid):
-        self.store = store
-        self.imports = imports
-        self.scratch_capacity = scratch_capacity
-        self.pid = pid
-        self.force_delete = set()     # stores whose next rmdir deletes their images too
-        self._uid, self._gid = uid, gid
-        self._time_ns = time.time_ns()
-        self._lock = threading.Lock()
-        self._nodes = {ROOT_INO: Root(None)}
-        self._inos = {(Root, None): ROOT_INO}
-        self._next_ino = ROOT_INO + 1
-        self._refs = {}               # (store, id) -> ImageRef
-        self._trees = {}              # idx -> ImageTree
-        self._next_idx = 1
-        self._open = {}               # idx -> open image files
-
-    # --- inode table ------------------------------------------------------------------
-    def node(self, cls, key):
-        """The node ``cls(key)``, registered under a stable inode number."""
-        with self._lock:
-            ino = self._inos.get((cls, key))
-            if ino is None:
-                ino = self._next_ino
-                if ino > LOW_MASK:
-                    raise InvalidInput("out of synthetic inode numbers")
-                self._next_ino += 1
-                self._inos[(cls, key)] = ino
-                self._nodes[ino] = cls(key)
-            return self._nodes[ino]
-
-    def ino_of(self, node):
-        return self._inos[(type(node), node.key)]
-
-    def node_at(self, ino):
-        node = self._nodes.get(ino)
-        if node is None:
-            raise NotFound(f"inode {ino} is gone")
-        return node
-
-    def image_ref(self, img):
-        """The mount's handle on a sealed image (``store.Image``), made on first sight."""
-        with self._lock:
-            ref = self._refs.get((img.store, img.id))
-            if ref is None:
-                ref = ImageRef(self._next_idx, img.store, img.id, img.parent, tuple(sorted(img.metadata_keys)))
-                self._next_idx += 1
-                self._refs[(img.store, img.id)] = ref
-            return ref
-
-    def tree(self, ref):
-        tree = self._trees.get(ref.idx)
-        if tree is None:
-            tree = self.store.tree(ref.store, ref.id)
-            with self._lock:
-                tree = self._trees.setdefault(ref.idx, tree)
-        return tree
-
-    def forget_image(self, ref):
-        """After a delete: later lookups see a new incarnation, old inodes go stale."""
-        with self._lock:
-            self._refs.pop((ref.store, ref.id), None)
-            self._trees.pop(ref.idx, None)
-
-    def forget_missing(self, store, image_id):
-        """An image deleted behind the mount's back (e.g. by the CLI) is forgotten once seen missing."""
-        ref = self._refs.get((store, image_id))
-        if ref is not None:
-            self.forget_image(ref)
-
-    def forget_store(self, store):
-        with self._lock:
-            refs = [r for (s, _), r in self._refs.items() if s == store]
-        for ref in refs:
-            self.forget_image(ref)
-
-    # --- open files of image trees (rmdir of an image is refused while any is open) ----
-    def hold(self, idx):
-        with self._lock:
-            self._open[idx] = self._open.get(idx, 0) + 1
-
-    def release(self, idx):
-        with self._lock:
-            self._open[idx] -= 1
-
-    def open_files(self, idx):
-        return self._open.get(idx, 0)
-
-    # --- synthetic nodes --------------------------------------------------------------
-    def entry(self, child, names_ttl):
-        """The Entry of a child (Node or tree inode) found in a directory with ``names_ttl``."""
-        if isinstance(child, int):
-            return self.tree_entry(child)
-        return Entry(self.ino_of(child), self.stat(child), names_ttl, child.attr_ttl)
-
-    def stat(self, node):
-        mode = node.mode
-        size = node.size(self)
-        return Stat(ino=0, mode=mode, nlink=2 if S.S_ISDIR(mode) else 1, uid=self._uid, gid=self._gid, rdev=0,
-                    size=size, blocks=(size + 511) // 512, atime_ns=self._time_ns, mtime_ns=self._time_ns,
-                    ctime_ns=self._time_ns)
-
-    def lookup(self, parent_ino, name):
-        """Entry of ``name`` in a synthetic directory, or None."""
-        parent = self.node_at(parent_ino)
-        if not parent.is_dir:
-            raise InvalidInput("not a directory")
-        child = parent.find(self, name)
-        return None if child is None else self.entry(child, parent.names_ttl)
-
-    def getattr(self, ino):
-        node = self.node_at(ino)
-        return Entry(ino, self.stat(node), 0, node.attr_ttl)
-
-    def listdir(self, ino):
-        node = self.node_at(ino)
-        return [(name, self.entry(child, node.names_ttl)) for name, child in node.list(self)]
-
-    # --- image trees (hot path: called inline, no store access) ------------------------
-    def _tree_of(self, ino):
-        tree = self._trees.get(ino >> TREE_SHIFT)
-        if tree is None:
-            raise NotFound(f"inode {ino}: its image is gone")
-        return tree
-
-    def tree_entry(self, ino):
-        return Entry(ino, self._tree_of(ino).stat(ino & LOW_MASK), LONG, LONG)
-
-    def tree_lookup(self, parent_ino, name):
-        """Entry of ``name`` in an image directory, or None (a cacheable negative answer)."""
-        tree = self._tree_of(parent_ino)
-        try:
-            child = tree.lookup(parent_ino & LOW_MASK, name)
-        except NotFound:
-            return None
-        ino = (parent_ino & ~LOW_MASK) | child
-        return Entry(ino, tree.stat(child), LONG, LONG)
-
-    def tree_listdir(self, ino):
-        tree = self._tree_of(ino)
-        base = ino & ~LOW_MASK
-        stat = tree.stat
-        return [(name, Entry(base | child, stat(child), LONG, LONG)) for name, child in tree.readdir(ino & LOW_MASK)]
-
-    def tree_readlink(self, ino):
-        return self._tree_of(ino).readlink(ino & LOW_MASK)
-
-    def tree_xattrs(self, ino):
-        return self._tree_of(ino).xattrs(ino & LOW_MASK)
-
-    def tree_open(self, ino):
-        """The tree that serves reads of file ``ino`` (which must be a regular file)."""
-        tree = self._tree_of(ino)
-        if not tree.stat(ino & LOW_MASK).is_reg:
-            raise InvalidInput("not a regular file")
-        return tree
 
 
 def _id_or_none(name, what="image ID"):

@@ -1,11 +1,12 @@
-"""The pyfuse3 adapter: FUSE requests in, namespace calls, attributes and errnos out.
+"""The pyfuse3 adapter: FUSE requests in, node calls, attributes and errnos out.
 
-Threading: requests run as trio tasks on one thread. Image-tree requests (lookup,
-getattr, readdir, read, xattrs inside ``rootfs``) run inline: they hit caches and
-local preads, cheaper than a thread hop (peers-and-anchors §3.6). Requests on the
-synthetic namespace touch the image store (datastore listings, VMDK headers, maybe
-a remote backend) and run in worker threads. Imports and exports have their own
-worker threads (imports.py, exports.py), so no heavy work ever blocks the loop.
+What the mount looks like is defined by the nodes (nodes.py) over the namespace
+(namespace.py); this module only dispatches. A request for inode N goes to the
+node ``ns.resolve(N)``, on the event loop for nodes that answer from memory and
+local preads (image trees, ``inline``: cheaper than a thread hop), in a worker
+thread for the others (they touch the image store: datastore listings, VMDK
+headers, maybe a remote backend). Imports and exports have their own worker threads
+(imports.py, exports.py), so no heavy work ever blocks the loop.
 
 Errors: ImageFSError and OSError become their errno; anything else is logged and
 becomes EIO. The daemon never dies of a request.
@@ -13,25 +14,20 @@ becomes EIO. The daemon never dies of a request.
 import errno
 import functools
 import logging
-import os
 
 import pyfuse3
 import trio
 
 from ..errors import ImageFSError, ReadOnly
-from ..export import export_diff
-from ..ids import SCRATCH
-from .exports import ExportStream
-from .files import BytesFile, DirHandle, ExportFileHandle, HandleTable, TreeFile
-from .imports import ImportHandle
-from .prefetch import Prefetcher
-from .nodes import (LONG, NONE, ContentFile, ExportFile, ImagesDir, ImportDir, ImportFile, ParentLink, is_tree_ino)
+from .files import DirHandle, HandleTable
+from .nodes import XATTR_PREFIX, ImagesDir, ImportDir
 
 log = logging.getLogger("imagefs.fuse")
 
 BLKSIZE = 128 * 1024
-_LISTINGS_KEPT = 4096
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+# The kernel may keep listings of image directories (FUSE cache_readdir): needs the
+# project's pyfuse3 (scripts/build-pyfuse3.sh); without it every readdir asks the daemon.
+CACHE_READDIR = hasattr(pyfuse3.FileInfo(), "cache_readdir")
 
 
 def _errors_to_errno(handler):
@@ -77,15 +73,18 @@ def _attributes(entry):
 
 
 def _negative(ttl):
-    """A cacheable "no such entry" (st_ino 0)."""
+    """A "no such entry" the kernel may remember for ``ttl`` seconds (st_ino 0)."""
     a = pyfuse3.EntryAttributes()
     a.st_ino = 0
     a.entry_timeout = ttl
     return a
 
 
-async def _in_thread(fn, *args):
-    return await trio.to_thread.run_sync(fn, *args)
+async def _call(node, method, *args):
+    """``method(*args)`` of ``node``: inline for nodes that answer from memory, else in a thread."""
+    if node.inline:
+        return method(*args)
+    return await trio.to_thread.run_sync(method, *args)
 
 
 class Operations(pyfuse3.Operations):
@@ -96,23 +95,17 @@ class Operations(pyfuse3.Operations):
         self.ns = ns
         self.imports = imports
         self.handles = HandleTable()
-        self.exports = set()
-        self.nursery = None
         self._logged = set()
-        self._listings = {}     # image directory inode -> [(name, EntryAttributes)]
-        self.prefetcher = Prefetcher()
         imports.on_finished = self._import_finished
 
     def start(self, nursery):
         """Serve with ``nursery`` holding the import and export workers."""
-        self.nursery = nursery
+        self.ns.exports.nursery = nursery
         self.imports.nursery = nursery
 
     async def shutdown(self):
         """Abort imports still receiving and stop exports; committing imports finish."""
-        for stream in list(self.exports):
-            stream.close()
-        self.prefetcher.close()
+        self.ns.close()
         await self.imports.shutdown()
 
     def _log_once(self, message):
@@ -124,43 +117,37 @@ class Operations(pyfuse3.Operations):
     # --- names and attributes ------------------------------------------------------------
     @_errors_to_errno
     async def lookup(self, parent_inode, name, ctx):
-        if is_tree_ino(parent_inode):
-            entry = self.ns.tree_lookup(parent_inode, name)
-            return _negative(LONG) if entry is None else _attributes(entry)
+        parent = self.ns.resolve(parent_inode)
         if name in (b".", b".."):
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        entry = await _in_thread(self.ns.lookup, parent_inode, name)
+            raise pyfuse3.FUSEError(errno.ENOENT)   # the kernel resolves these itself
+        entry = await _call(parent, parent.lookup, self.ns, name)
         if entry is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)  # not cached: the namespace changes
+            if not parent.negative_ttl:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return _negative(parent.negative_ttl)
         return _attributes(entry)
 
     @_errors_to_errno
     async def getattr(self, inode, ctx):
-        if is_tree_ino(inode):
-            return _attributes(self.ns.tree_entry(inode))
-        return _attributes(await _in_thread(self.ns.getattr, inode))
+        node = self.ns.resolve(inode)
+        return _attributes(await _call(node, node.getattr, self.ns))
 
     @_errors_to_errno
     async def setattr(self, inode, attr, fields, fh, ctx):
-        node = None if is_tree_ino(inode) else self.ns.node_at(inode)
-        if not isinstance(node, ImportFile):
+        node = self.ns.resolve(inode)
+        if not node.settable:
             raise ReadOnly("read-only")
-        # cp -p, touch and tar set times and modes on what they write: accepted and ignored.
         if fields.update_size:
-            handle = self.handles[fh] if fh is not None else None
-            if not isinstance(handle, ImportHandle):
+            handle = self.handles.get(fh) if fh is not None else None
+            if handle is None:
                 raise pyfuse3.FUSEError(errno.EINVAL)
             await handle.truncate(attr.st_size)
-        return _attributes(await _in_thread(self.ns.getattr, inode))
+        return _attributes(await _call(node, node.getattr, self.ns))
 
     @_errors_to_errno
     async def readlink(self, inode, ctx):
-        if is_tree_ino(inode):
-            return self.ns.tree_readlink(inode)
-        node = self.ns.node_at(inode)
-        if not isinstance(node, ParentLink):
-            raise pyfuse3.FUSEError(errno.EINVAL)
-        return node.target()
+        node = self.ns.resolve(inode)
+        return await _call(node, node.readlink, self.ns)
 
     async def forget(self, inode_list):
         pass    # inode numbers live as long as the mount; nothing to free
@@ -168,18 +155,21 @@ class Operations(pyfuse3.Operations):
     # --- directories -------------------------------------------------------------------
     @_errors_to_errno
     async def opendir(self, inode, ctx):
-        return self.handles.add(DirHandle(inode))
+        node = self.ns.resolve(inode)
+        fh = self.handles.add(DirHandle(node))
+        if node.cache_listing and CACHE_READDIR:
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
+        return fh
 
     @_errors_to_errno
     async def readdir(self, fh, start_id, token):
         handle = self.handles[fh]
         if handle.entries is None:
-            if is_tree_ino(handle.ino):
-                handle.entries = self._tree_listing(handle.ino)
-            else:
-                own = _attributes(await _in_thread(self.ns.getattr, handle.ino))
-                handle.entries = [(b".", own), (b"..", own)] + [
-                    (name, _attributes(entry)) for name, entry in await _in_thread(self.ns.listdir, handle.ino)]
+            node = handle.node
+            own, listing = await _call(node, lambda: (node.getattr(self.ns), node.listdir(self.ns)))
+            # "." and ".." for ls -a; the kernel resolves both itself and ignores their attributes
+            dots = _attributes(own)
+            handle.entries = [(b".", dots), (b"..", dots)] + [(name, _attributes(e)) for name, e in listing]
         entries = handle.entries
         reply = pyfuse3.readdir_reply
         for i in range(start_id, len(entries)):
@@ -187,37 +177,24 @@ class Operations(pyfuse3.Operations):
             if not reply(token, name, attrs, i + 1):
                 break
 
-    def _tree_listing(self, ino):
-        """(name, attributes) of an image directory; images never change, so this is kept."""
-        listing = self._listings.get(ino)
-        if listing is None:
-            # "." and ".." for ls -a; the kernel resolves both itself and ignores their attributes
-            own = _attributes(self.ns.tree_entry(ino))
-            listing = [(b".", own), (b"..", own)] + [
-                (name, _attributes(entry)) for name, entry in self.ns.tree_listdir(ino)]
-            if len(self._listings) >= _LISTINGS_KEPT:
-                self._listings.pop(next(iter(self._listings)))
-            self._listings[ino] = listing
-        return listing
-
     async def releasedir(self, fh):
         self.handles.pop(fh)
 
     @_errors_to_errno
     async def mkdir(self, parent_inode, name, mode, ctx):
-        node = self._node(parent_inode)
-        child = await _in_thread(node.mkdir, self.ns, name)
-        return _attributes(await _in_thread(self.ns.entry, child, node.names_ttl))
+        parent = self.ns.resolve(parent_inode)
+        entry = await _call(parent, lambda: self.ns.entry(parent.mkdir(self.ns, name), parent.names_ttl))
+        return _attributes(entry)
 
     @_errors_to_errno
     async def rmdir(self, parent_inode, name, ctx):
-        node = self._node(parent_inode)
-        await _in_thread(node.rmdir, self.ns, name)
+        parent = self.ns.resolve(parent_inode)
+        await _call(parent, parent.rmdir, self.ns, name)
 
     @_errors_to_errno
     async def unlink(self, parent_inode, name, ctx):
-        node = self._node(parent_inode)
-        await _in_thread(node.unlink, self.ns, name)
+        parent = self.ns.resolve(parent_inode)
+        await _call(parent, parent.unlink, self.ns, name)
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         raise pyfuse3.FUSEError(errno.EROFS)
@@ -231,63 +208,21 @@ class Operations(pyfuse3.Operations):
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    def _node(self, inode):
-        """The synthetic node ``inode``; image trees refuse every change."""
-        if is_tree_ino(inode):
-            raise pyfuse3.FUSEError(errno.EROFS)
-        return self.ns.node_at(inode)
-
     # --- files ---------------------------------------------------------------------------
     @_errors_to_errno
     async def create(self, parent_inode, name, mode, flags, ctx):
-        node = self._node(parent_inode)
-        if not isinstance(node, ImportDir):
-            raise pyfuse3.FUSEError(errno.EROFS)
-        child = await _in_thread(node.new_import, self.ns, name)
-        entry = await _in_thread(self.ns.entry, child, node.names_ttl)
-        handle = ImportHandle(child.session(self.ns), entry.ino, truncate=bool(flags & os.O_TRUNC))
-        return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=True), _attributes(entry)
+        parent = self.ns.resolve(parent_inode)
+        handle, entry = await _call(parent, parent.create, self.ns, name, flags)
+        return self._file_info(handle), _attributes(entry)
 
     @_errors_to_errno
     async def open(self, inode, flags, ctx):
-        writing = flags & _WRITE_FLAGS
-        if is_tree_ino(inode):
-            if writing:
-                raise pyfuse3.FUSEError(errno.EROFS)
-            handle = TreeFile(self.ns, inode, self.ns.tree_open(inode), self.prefetcher)
-            return pyfuse3.FileInfo(fh=self.handles.add(handle), keep_cache=True)
-        node = self.ns.node_at(inode)
-        if isinstance(node, ImportFile):
-            if flags & os.O_ACCMODE == os.O_RDONLY:
-                raise pyfuse3.FUSEError(errno.EACCES)   # write-only: the layer is read back from rootfs/
-            handle = ImportHandle(node.session(self.ns), inode, truncate=bool(flags & os.O_TRUNC))
-            return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=True)
-        if writing:
-            raise pyfuse3.FUSEError(errno.EROFS)
-        if isinstance(node, ExportFile):
-            handle = await self._open_export(node)
-            return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=True, keep_cache=False)
-        if isinstance(node, ContentFile):
-            handle = BytesFile(await _in_thread(node.content, self.ns))
-            volatile = node.attr_ttl == NONE    # its size may change: do not let the kernel clip reads
-            return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=volatile, keep_cache=not volatile)
-        raise pyfuse3.FUSEError(errno.EISDIR if node.is_dir else errno.EINVAL)
+        node = self.ns.resolve(inode)
+        return self._file_info(await _call(node, node.open, self.ns, flags))
 
-    async def _open_export(self, node):
-        wanted = node.export
-        ref, ns = node.ref, self.ns
-
-        def open_trees():     # in a thread: opening a chain reads VMDK headers
-            new = ns.tree(ref)
-            if wanted.ancestor == SCRATCH:
-                return new, None       # scratch.tar: the whole image (every entry an add)
-            return new, ns.tree(ns.image_ref(ns.store.get_image(ref.store, wanted.ancestor)))
-
-        new, old = await _in_thread(open_trees)
-        name = f"{ref.store}/{ref.id}/export/{node.key[1]}"
-        stream = ExportStream(lambda: export_diff(new, old, spec=wanted.spec, data=wanted.data), self.nursery, name)
-        self.exports.add(stream)
-        return ExportFileHandle(stream, self.exports.discard)
+    def _file_info(self, handle):
+        return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=handle.direct_io,
+                                keep_cache=handle.keep_cache)
 
     @_errors_to_errno
     async def read(self, fh, off, size):
@@ -313,7 +248,7 @@ class Operations(pyfuse3.Operations):
     # --- xattrs ---------------------------------------------------------------------------
     @_errors_to_errno
     async def getxattr(self, inode, name, ctx):
-        value = (await self._xattrs(inode)).get(name)
+        value = (await self._xattrs(inode, name)).get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
@@ -322,26 +257,26 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode, ctx):
         return list(await self._xattrs(inode))
 
-    async def _xattrs(self, inode):
-        if is_tree_ino(inode):
-            return self.ns.tree_xattrs(inode)
-        node = self.ns.node_at(inode)
-        return await _in_thread(node.xattrs, self.ns)
+    async def _xattrs(self, inode, name=None):
+        node = self.ns.resolve(inode)
+        if name is not None and not node.inline and not name.startswith(XATTR_PREFIX):
+            return {}       # synthetic nodes keep user.imagefs.* only: ls -l's ACL questions need no thread
+        return await _call(node, node.xattrs, self.ns)
 
     @_errors_to_errno
     async def setxattr(self, inode, name, value, ctx):
-        node = self._node(inode)
-        await _in_thread(node.setxattr, self.ns, name, value)
+        node = self.ns.resolve(inode)
+        await _call(node, node.setxattr, self.ns, name, value)
 
     @_errors_to_errno
     async def removexattr(self, inode, name, ctx):
-        node = self._node(inode)
-        await _in_thread(node.removexattr, self.ns, name)
+        node = self.ns.resolve(inode)
+        await _call(node, node.removexattr, self.ns, name)
 
     # --- the filesystem ---------------------------------------------------------------------
     @_errors_to_errno
     async def statfs(self, ctx):
-        total, free, avail = await _in_thread(self.ns.store.ds.statfs)
+        total, free, avail = await trio.to_thread.run_sync(self.ns.store.ds.statfs)
         st = pyfuse3.StatvfsData()
         st.f_bsize = st.f_frsize = 4096
         st.f_blocks, st.f_bfree, st.f_bavail = total // 4096, free // 4096, avail // 4096

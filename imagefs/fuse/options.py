@@ -4,6 +4,7 @@ Safe by default: ``nosuid`` and ``nodev`` unless ``suid``/``dev`` are given, the
 kernel checks permissions (``default_permissions``, always on), and only the
 mounting user may enter the mount unless ``allow_other`` is given.
 """
+import os
 from dataclasses import dataclass, field
 
 from ..errors import InvalidInput
@@ -17,6 +18,19 @@ _SAFETY = {"suid": ("nosuid", False), "nosuid": ("nosuid", True), "dev": ("nodev
 # Meaningful to mount(8) and fstab only.
 _IGNORED = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group", "_netdev", "nofail"}
 _IGNORED_PREFIXES = ("x-", "comment=")
+
+
+WRITERS = ("kernel", "fuse2fs")
+
+
+def _writable_log(path):
+    """Checked up front, so a bad log= is one line at mount time, not a failing daemon."""
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise InvalidInput(f"log={path}: {e.strerror}") from None
+    return os.path.abspath(path)
 
 
 @dataclass
@@ -50,10 +64,14 @@ def parse_options(options):
         elif item == "debug":
             out.debug = True
         elif eq and key == "log":
-            out.log_file = value
+            out.log_file = _writable_log(value)
         elif eq and key == "workdir":
+            if not os.path.isdir(value):
+                raise InvalidInput(f"workdir={value}: no such directory")
             out.workdir = value
         elif eq and key == "writer":
+            if value not in WRITERS:
+                raise InvalidInput(f"writer={value}: use one of {', '.join(WRITERS)}")
             out.writer = value
         elif eq and key == "scratch_size":
             out.scratch_capacity = parse_size(value)

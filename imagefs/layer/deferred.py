@@ -19,6 +19,7 @@ import stat
 from dataclasses import dataclass
 
 from ..errors import InvalidInput, ToolFailed
+from ..ext4 import encode_rdev, time_extra
 from .tools import run
 
 PRIVILEGED_XATTR_PREFIXES = ("trusted.", "security.")
@@ -151,7 +152,7 @@ class DeferredOps:
     def _node_cmds(path: bytes, op: _Node):
         parent, _, base = path.rpartition(b"/")
         kind = b"c" if op.kind == stat.S_IFCHR else b"b"
-        block0, block1 = _encode_rdev(op.major, op.minor)
+        block0, block1 = encode_rdev(op.major, op.minor)
         q, m = _q(b"/" + path), op.meta
         yield b"cd " + _q(b"/" + parent)
         yield b"mknod " + _q(base) + b" " + kind + b" 0 0"
@@ -164,20 +165,7 @@ class DeferredOps:
         for field, ns in ((b"atime", m.atime_ns), (b"mtime", m.mtime_ns)):
             sec, nsec = divmod(ns, 1_000_000_000)
             yield b"sif %s %s @%d" % (q, field, sec)
-            yield b"sif %s %s_extra %d" % (q, field, _time_extra(sec, nsec))
-
-
-def _encode_rdev(major: int, minor: int) -> tuple[int, int]:
-    """i_block[0], i_block[1] as the kernel's ext4 stores a device number."""
-    if major < 256 and minor < 256:
-        return (major << 8) | minor, 0
-    return 0, (minor & 0xff) | (major << 8) | ((minor & ~0xff) << 12)
-
-
-def _time_extra(sec: int, nsec: int) -> int:
-    """The *_extra field: nanoseconds << 2 plus the epoch bits beyond signed 32-bit seconds."""
-    low = (sec + (1 << 31)) % (1 << 32) - (1 << 31)
-    return (nsec << 2) | (((sec - low) >> 32) & 3)
+            yield b"sif %s %s_extra %d" % (q, field, time_extra(sec, nsec))
 
 
 def _q(s: bytes) -> bytes:

@@ -1,0 +1,151 @@
+"""The mount's namespace: the one owner of inode numbers, image incarnations, their
+trees and the cache behind them.
+
+- Synthetic nodes (nodes.py) get numbers counting up (inodes.py) and keep them for
+  the life of the mount.
+- An image gets an ImageRef (an incarnation, with an index) the first time the mount
+  sees it; its tree is opened once, on first use, and shares the mount's one Cache
+  (imagefs/cache.py) with every other tree.
+- One invalidation rule: what is read from a sealed image is never invalidated,
+  because it never changes. An image deleted (here or by another process, seen
+  missing at a lookup) is forgotten, and one made again under the same ID is a new
+  incarnation with new inode numbers and a new tree; the old one's cached entries
+  age out. What does change (stores, images/, imports) is not kept here: the image
+  store's catalogue answers for it (short-lived, see store.py), and the kernel keeps
+  those names for at most SHORT.
+
+Plain synchronous code, safe to call from worker threads.
+"""
+import stat as S
+import threading
+import time
+
+from ..cache import Cache
+from ..errors import InvalidInput, NotFound
+from ..ext4 import Stat
+from .files import Exports
+from .inodes import MAX_SYNTHETIC, ROOT_INO, is_tree_ino, split_tree_ino
+from .nodes import Entry, ImageRef, Root, TreeNode
+from .prefetch import Prefetcher
+
+CACHE_BUDGET = 64 << 20
+
+
+class Namespace:
+    def __init__(self, store, imports, *, scratch_capacity, pid, uid, gid, cache_budget=CACHE_BUDGET):
+        self.store = store
+        self.imports = imports
+        self.exports = Exports()
+        self.prefetcher = Prefetcher()
+        self.cache = Cache(cache_budget)
+        self.scratch_capacity = scratch_capacity
+        self.pid = pid
+        self.force_delete = set()     # stores whose next rmdir deletes their images too
+        self._uid, self._gid = uid, gid
+        self._time_ns = time.time_ns()
+        self._lock = threading.Lock()
+        self._nodes = {ROOT_INO: Root(None)}
+        self._inos = {(Root, None): ROOT_INO}
+        self._next_ino = ROOT_INO + 1
+        self._refs = {}               # (store, id) -> ImageRef
+        self._trees = {}              # idx -> ImageTree
+        self._next_idx = 1
+        self._open = {}               # idx -> open image files
+
+    def close(self):
+        self.exports.close_all()
+        self.prefetcher.close()
+
+    # --- what an inode number stands for ---------------------------------------------
+    def resolve(self, ino):
+        """The node behind ``ino``: a synthetic node, or a TreeNode of an image's file."""
+        if is_tree_ino(ino):
+            idx, ext4_ino = split_tree_ino(ino)
+            tree = self._trees.get(idx)
+            if tree is None:
+                raise NotFound(f"inode {ino}: its image is gone")
+            return TreeNode(tree, idx, ino, ext4_ino)
+        node = self._nodes.get(ino)
+        if node is None:
+            raise NotFound(f"inode {ino} is gone")
+        return node
+
+    def node(self, cls, key):
+        """The node ``cls(key)``, registered under a stable inode number."""
+        with self._lock:
+            ino = self._inos.get((cls, key))
+            if ino is None:
+                ino = self._next_ino
+                if ino > MAX_SYNTHETIC:
+                    raise InvalidInput("out of synthetic inode numbers")
+                self._next_ino += 1
+                self._inos[(cls, key)] = ino
+                self._nodes[ino] = cls(key)
+            return self._nodes[ino]
+
+    def ino_of(self, node):
+        return self._inos[(type(node), node.key)]
+
+    # --- image incarnations and their trees ----------------------------------------------
+    def image_ref(self, img):
+        """The mount's handle on a sealed image (``store.Image``), made on first sight."""
+        with self._lock:
+            ref = self._refs.get((img.store, img.id))
+            if ref is None:
+                ref = ImageRef(self._next_idx, img.store, img.id, img.parent, tuple(sorted(img.metadata_keys)))
+                self._next_idx += 1
+                self._refs[(img.store, img.id)] = ref
+            return ref
+
+    def tree(self, ref):
+        """The image's tree, opened on first use (reads VMDK headers: call from a worker thread)."""
+        tree = self._trees.get(ref.idx)
+        if tree is None:
+            tree = self.store.tree(ref.store, ref.id, cache=self.cache)
+            with self._lock:
+                tree = self._trees.setdefault(ref.idx, tree)
+        return tree
+
+    def forget_image(self, ref):
+        """After a delete: later lookups see a new incarnation, old inodes go stale."""
+        with self._lock:
+            self._refs.pop((ref.store, ref.id), None)
+            self._trees.pop(ref.idx, None)
+
+    def forget_missing(self, store, image_id):
+        """An image deleted behind the mount's back (e.g. by the CLI) is forgotten once seen missing."""
+        ref = self._refs.get((store, image_id))
+        if ref is not None:
+            self.forget_image(ref)
+
+    def forget_store(self, store):
+        with self._lock:
+            refs = [r for (s, _), r in self._refs.items() if s == store]
+        for ref in refs:
+            self.forget_image(ref)
+
+    # --- open files of image trees (rmdir of an image is refused while any is open) ----
+    def hold(self, idx):
+        with self._lock:
+            self._open[idx] = self._open.get(idx, 0) + 1
+
+    def release(self, idx):
+        with self._lock:
+            self._open[idx] -= 1
+
+    def open_files(self, idx):
+        return self._open.get(idx, 0)
+
+    # --- attributes of synthetic nodes ---------------------------------------------------
+    def entry(self, child, names_ttl):
+        """The Entry of a child (Node or tree inode) found in a directory with ``names_ttl``."""
+        if isinstance(child, int):
+            return self.resolve(child).getattr(self)     # a tree root: attributes of a sealed image
+        return Entry(self.ino_of(child), self.stat(child), names_ttl, child.attr_ttl)
+
+    def stat(self, node):
+        mode = node.mode
+        size = node.size(self)
+        return Stat(ino=0, mode=mode, nlink=2 if S.S_ISDIR(mode) else 1, uid=self._uid, gid=self._gid, rdev=0,
+                    size=size, blocks=(size + 511) // 512, atime_ns=self._time_ns, mtime_ns=self._time_ns,
+                    ctime_ns=self._time_ns)
