@@ -236,11 +236,11 @@ class ImageStore:
         with ExitStack() as claim:
             with self.ds.lock(_store_lock(store), exclusive=True):
                 try:
-                    self.ds.mkdir(d)
+                    self._mkdir_image(d)
                 except Exists:
                     if not self._remove_if_debris(store, image_id):
                         raise Exists(f"image {image_id} already exists in store {store}") from None
-                    self.ds.mkdir(d)
+                    self._mkdir_image(d)
                 claim.enter_context(self.ds.lock(_claim_path(store, image_id), exclusive=True))
             try:
                 yield d
@@ -389,6 +389,14 @@ class ImageStore:
         log.info("wrote image %s/%s (parent %s, %s, %d bytes)", store, image_id, parent_id,
                  result.digest, result.size)
         return self.get_image(store, image_id), result
+
+    def _mkdir_image(self, d):
+        try:
+            self.ds.mkdir(d)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"the datastore is full: no room for image {posixpath.basename(d)}") from None
+            raise
 
     def _commit(self, d, metadata):
         """Make the written image visible, durably: metadata, then the manifest, each made

@@ -152,7 +152,7 @@ class Lab:
         out = Outcome(how, died=proc.returncode == -signal.SIGKILL)
         out.cleaned = harness.leftovers(self.work, self.ds)
         self.cli("image", "ls", STORE)                      # the next start
-        self._check(out, retry=self._retry_cli)
+        self._check(out, retry=self._retry_cli, remove=self._remove_cli)
         return out
 
     def kill_daemon(self, point):
@@ -165,7 +165,7 @@ class Lab:
         self.umount()                                        # the next start: umount, mount again
         self.mount()
         try:
-            self._check(out, retry=self._retry_mount)
+            self._check(out, retry=self._retry_mount, remove=self._remove_mount)
         finally:
             self.umount()
         return out
@@ -180,13 +180,13 @@ class Lab:
             out.died = writer.returncode == -signal.SIGKILL
             _wait_import_done(self.mnt)
             out.cleaned = []                                 # the daemon lives on: it cleans up itself
-            self._check(out, retry=self._retry_mount)
+            self._check(out, retry=self._retry_mount, remove=self._remove_mount)
         finally:
             self.umount()
         return out
 
     # --- after each kill ------------------------------------------------------------------------------
-    def _check(self, out, retry):
+    def _check(self, out, retry, remove):
         out.leftovers = harness.leftovers(self.work, self.ds)
         ids = self.cli("image", "ls", "-q", STORE).stdout.split()
         for image_id in ids:
@@ -194,12 +194,20 @@ class Lab:
                 out.wrong.append(f"unexpected image {image_id}")
         if TARGET in ids:
             out.wrong += self._compare()
-            self.cli("image", "rm", STORE, TARGET)
+            remove()
         out.retry = retry()
         if not out.retry:
             out.wrong += self._compare()
-            self.cli("image", "rm", STORE, TARGET)
+            remove()
         out.leftovers += [f"after the retry: {line}" for line in harness.leftovers(self.work, self.ds)]
+
+    def _remove_cli(self):
+        self.cli("image", "rm", STORE, TARGET)
+
+    def _remove_mount(self):
+        """Through the mount, which then knows at once (another process's change it sees within
+        its catalogue's lifetime)."""
+        os.rmdir(os.path.join(self.mnt, STORE, "images", TARGET))
 
     def _compare(self):
         try:

@@ -136,7 +136,7 @@ def test_changed_parent_breaks_the_chain(store):
     disk = os.path.join(store.images, "base", "base.vmdk")
     with open(disk, "r+b") as f:
         head = f.read(1 << 16)
-        m = re.search(rb"\nCID=([0-9a-f]{8})", head)
+        m = re.search(rb"(?m)^CID=([0-9a-fA-F]{8})", head)
         f.seek(m.start(1))
         f.write(b"0badc1d0" if m.group(1) != b"0badc1d0" else b"0badc1d1")
     [line] = _problems(store)

@@ -73,7 +73,7 @@ def cli(tmp_path):
 @pytest.mark.parametrize("case", ["cut", "empty"])
 def test_cli_refuses_a_truncated_stream(cli, tars, case):
     proc = cli("image", "write", "s", "scratch", "x", tars[case], ok=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2                       # invalid input
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("imagefs: the layer stream is truncated"), \
         proc.stderr
     assert "x" not in cli("image", "ls", "-q", "s").stdout.split()

@@ -72,7 +72,7 @@ def test_full_datastore_is_no_space_and_leaves_nothing(small_datastore, writer, 
     assert _cli(ds, work, "store", "create", "s").returncode == 0
     free_before = os.statvfs(small_datastore).f_bfree
     proc = _cli(ds, work, "image", "write", "--writer", writer, "s", "scratch", "big", tar)
-    assert proc.returncode == 1
+    assert proc.returncode == 7                       # no space left
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("imagefs: the datastore is full"), proc.stderr
     assert leftovers(work, ds) == []
@@ -96,9 +96,9 @@ def test_datastore_full_before_the_write(small_datastore, tmp_path):
         proc = subprocess.run([sys.executable, "-m", "imagefs", "--datastore", ds, "image", "write", "s",
                                "scratch", "x"], input=make_tar([("f", "file", {"data": b"x"})]),
                               capture_output=True, env=dict(os.environ, IMAGEFS_WORKDIR=work))
-        assert proc.returncode == 1
+        assert proc.returncode == 7                       # no space left
         assert proc.stderr.decode().strip() in ("imagefs: the datastore is full: no room for layer disk x.vmdk",
-                                                f"imagefs: {ds}/VIC/s/images: No space left on device")
+                                                "imagefs: the datastore is full: no room for image x")
         assert leftovers(work, ds) == []
     finally:
         os.unlink(filler)
