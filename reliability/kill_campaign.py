@@ -115,11 +115,10 @@ class Lab:
 
     # --- the crash points a clean write passes ----------------------------------------------------------
     def tally(self, through_mount=False):
-        """[(point, n)] in the order a clean write passes them, and its duration in seconds."""
+        """[(point, n)] in the order a clean write passes them."""
         tally = os.path.join(self.root, "tally")
         if os.path.exists(tally):
             os.unlink(tally)
-        start = time.monotonic()
         if through_mount:
             self.mount(IMAGEFS_CRASH_TALLY=tally)
             _write_through_shell(self.layer_tar, self.import_path())
@@ -127,23 +126,36 @@ class Lab:
         else:
             subprocess.run(self.write_cmd(), env=self.env(IMAGEFS_CRASH_TALLY=tally), check=True,
                            capture_output=True, cwd=ROOT)
-        elapsed = time.monotonic() - start
         self.cli("image", "rm", STORE, TARGET)
         seen, points = Counter(), []
         with open(tally) as f:
             for line in f:
                 seen[line.strip()] += 1
                 points.append((line.strip(), seen[line.strip()]))
-        return points, elapsed
+        return points
+
+    def write_window(self):
+        """Seconds from the moment a clean write has its work directory to its exit (what a
+        timed kill is spread over: Python's start-up is not the write)."""
+        proc = subprocess.Popen(self.write_cmd(), env=self.env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, cwd=ROOT)
+        _wait_for_work(self.work, proc)
+        start = time.monotonic()
+        proc.wait(IMPORT_TIMEOUT)
+        window = time.monotonic() - start
+        self.cli("image", "rm", STORE, TARGET)
+        return window
 
     # --- the three ways to die --------------------------------------------------------------------------
     def kill_cli(self, point=None, after=None):
-        """Kill ``imagefs image write`` at a crash point ("name:n") or after ``after`` seconds."""
-        how = f"cli {self.writer} " + (point if point else f"{after:.2f}s")
+        """Kill ``imagefs image write`` at a crash point ("name:n"), or ``after`` seconds into
+        its write (counted from its work directory's appearance)."""
+        how = f"cli {self.writer} " + (point if point else f"+{after:.2f}s")
         env = self.env(IMAGEFS_CRASH_AT=point) if point else self.env()
         proc = subprocess.Popen(self.write_cmd(), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, cwd=ROOT)
         if after is not None:
+            _wait_for_work(self.work, proc)
             try:
                 proc.wait(after)
             except subprocess.TimeoutExpired:
@@ -249,6 +261,13 @@ def _write_through_shell(tar, target):
                           timeout=IMPORT_TIMEOUT)
 
 
+def _wait_for_work(work, proc, timeout=IMPORT_TIMEOUT):
+    """Until a work directory appears in ``work`` (the write has begun) or ``proc`` ends."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and not os.listdir(work):
+        time.sleep(0.002)
+
+
 def _wait_import_done(mnt, timeout=IMPORT_TIMEOUT):
     """Until no import of the mount is pending or running (its import/ dir lists none)."""
     listing = os.path.join(mnt, STORE, "images", PARENT, "import")
@@ -337,13 +356,13 @@ def main():
         for writer in args.writers.split(","):
             lab = Lab(os.path.join(base, writer), writer)
             if args.only in (None, "cli"):
-                points, elapsed = lab.tally()
-                for name, n in spread(points, args.points):
+                for name, n in spread(lab.tally(), args.points):
                     record(lab.kill_cli(f"{name}:{n}"))
+                window = lab.write_window()
                 for i in range(args.timed):
-                    record(lab.kill_cli(after=elapsed * (i + 0.5) / args.timed))
+                    record(lab.kill_cli(after=window * (i + 0.5) / args.timed))
             if writer == "kernel" and args.only in (None, "daemon"):
-                points, _ = lab.tally(through_mount=True)
+                points = lab.tally(through_mount=True)
                 for name, n in spread(points, args.daemon):
                     record(lab.kill_daemon(f"{name}:{n}"))
             if writer == "kernel" and args.only in (None, "client"):
