@@ -96,7 +96,7 @@ def recover_work_dir(path: str) -> Recovered:
     """Undo everything in ``path``, whose owner lock the caller holds."""
     result = Recovered(path)
     facts = read_record(path)
-    _unmount_layer(path, facts, result)
+    _unmount_layer(path, result)
     _detach_loops(path, facts, result)
     for pid in _helpers_of(path, facts, "fuse2fs"):
         _stop_process(pid, path, result, grace=STOP_WAIT)     # it exits by itself once unmounted
@@ -143,7 +143,7 @@ def _is_old_and_empty(path):
 
 
 # --- the layer's filesystem, loop devices ----------------------------------------------------------
-def _unmount_layer(path, facts, result):
+def _unmount_layer(path, result):
     """The ext4 on ``mnt`` (and anything else mounted inside, qsd's export aside)."""
     raw = os.path.join(path, "disk.raw")
     for point, fstype in mounts_under(path):
@@ -164,7 +164,12 @@ def _unmount(point, cmd, result):
 
 
 def _detach_loops(path, facts, result):
-    for dev in _loops_backed_by(path):
+    """The loop device the record names and any other backed by a file inside ``path`` (the
+    kernel detaches an autoclear loop once unmounted; a stuck one is detached here)."""
+    recorded = {f["loop"] for f in facts if isinstance(f.get("loop"), str) and f["loop"].startswith("/dev/loop")}
+    candidates = set(_loops_backed_by(path))
+    candidates |= {d for d in recorded if _inside(_loop_backing(os.path.basename(d)) or "", path)}
+    for dev in sorted(candidates):
         subprocess.run(["losetup", "-d", dev], capture_output=True, start_new_session=True)
         name = os.path.basename(dev)
         if wait_until(lambda: _loop_backing(name) is None or not _inside(_loop_backing(name), path), STOP_WAIT):

@@ -51,7 +51,6 @@ class WriteResult:
 class MountedLayer:
     root: str                       # the mounted filesystem's root
     deferred: DeferredOps | None    # where privileged operations go (fuse2fs unprivileged)
-    work: WorkDir                   # the writer's work directory
 
 
 def resolve_method(method: str | None) -> str:
@@ -204,7 +203,7 @@ def writable_mount(vmdk: str, *, method: str | None = None, workdir: str | None 
         mount = stack.enter_context(Mount(method, qsd.raw, work))
         if deferred is not None:
             stack.push(_on_success(lambda: deferred.is_empty() or deferred.count_links(mount.target)))
-        yield MountedLayer(mount.target, deferred, work)
+        yield MountedLayer(mount.target, deferred)
 
 
 def _on_success(step: Callable[[], object]):
