@@ -9,7 +9,7 @@ every byte of file data).
 
 Besides images: half-made image directories (no manifest) and whether a live writer
 still holds them, claim and temporary files left by dead writers, stray files, and the
-work directories of dead writers on this host.
+work directories on this host of dead writers of this store's images.
 
 ``repair`` removes only what is provably debris: half-made images whose claim lock is
 free, stale claims, temporary files of processes that no longer exist, dead writers'
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import CorruptDisk, ImageFSError, NotFound
 from .ids import SCRATCH
-from .layer.recover import dead_work_dirs, recover_work_dirs
+from .layer.recover import dead_work_dirs, disks_of, recover_work_dirs
 from .store import CLAIM, _claim_path, _disk_path, _image_dir, _images_dir, _store_lock
 from .tree import ROOT_INO
 from .vmdk import SECTOR, SparseExtent
@@ -79,11 +79,16 @@ def check_store(st, store, *, repair=False, data=True, workdir=None) -> Report:
 
 # --- what dead writers left ------------------------------------------------------------------------
 def _leftovers(st, store, report, repair, workdir):
-    for path in dead_work_dirs(workdir):
+    images = os.path.abspath(st.ds.local_path(_images_dir(store)))
+
+    def writes_here(path):                      # a dead writer of one of this store's images
+        return any(os.path.dirname(os.path.dirname(disk)) == images for disk in disks_of(path))
+
+    for path in filter(writes_here, dead_work_dirs(workdir)):
         report.problems.append(Problem(path, "dead-writer", "work directory of a killed layer writer "
                                        "(its mounts, loop device and processes, if any, go with it)", True))
     if repair and any(p.kind == "dead-writer" for p in report.problems):
-        done = {r.work_dir for r in recover_work_dirs(workdir) if r.removed}
+        done = {r.work_dir for r in recover_work_dirs(workdir, only=writes_here) if r.removed}
         for p in report.problems:
             p.repaired = p.kind == "dead-writer" and p.where in done
     with st.ds.lock(_store_lock(store), exclusive=True):    # no new claim while we look

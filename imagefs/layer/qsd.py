@@ -62,6 +62,7 @@ class StorageDaemon:
                "--export", f"type=fuse,id=e0,node-name=d0,mountpoint={_opt(self.raw)},writable=on",
                "--chardev", f"socket,id=qmp0,path={_opt(self._qmp_path)},server=on,wait=off",
                "--monitor", "chardev=qmp0"]
+        self._work.note(disk=self.vmdk)
         self._proc = spawn(cmd, self._log, "qemu-storage-daemon")
         self._work.note_process("qemu-storage-daemon", self._proc.pid)
         up = wait_until(lambda: self._proc.poll() is not None or

@@ -71,10 +71,13 @@ def dead_work_dirs(base: str | None = None) -> list[str]:
     return out
 
 
-def recover_work_dirs(base: str | None = None) -> list[Recovered]:
-    """Recover every work directory of a dead writer under ``base``; what was done, per directory."""
+def recover_work_dirs(base: str | None = None, only=None) -> list[Recovered]:
+    """Recover every work directory of a dead writer under ``base`` (with ``only``, those for
+    which ``only(path)`` is true); what was done, per directory."""
     done = []
     for path in _candidates(base):
+        if only is not None and not only(path):
+            continue
         fd = _try_lock(path)
         if fd is None:
             continue                                    # a live writer (or a recovery) holds it
@@ -90,6 +93,11 @@ def recover_work_dirs(base: str | None = None) -> list[Recovered]:
         finally:
             os.close(fd)
     return done
+
+
+def disks_of(path: str) -> list[str]:
+    """The disks the writer of work directory ``path`` was writing (from its record)."""
+    return [f["disk"] for f in read_record(path) if isinstance(f.get("disk"), str)]
 
 
 def recover_work_dir(path: str) -> Recovered:

@@ -9,8 +9,9 @@ start (``recover.py``):
   life (close-on-exec, so no tool inherits it). The kernel drops it when the writer dies,
   however it dies: a free lock means a dead owner.
 - the record (``record``): one JSON object per line, appended as the writer starts each
-  thing that outlives it if left alone: ``{"qsd": pid, "start": ticks}``,
-  ``{"fuse2fs": ...}``, ``{"mount": path, "method": ...}``, ``{"loop": "/dev/loopN"}``.
+  thing that outlives it if left alone: ``{"disk": vmdk}``, ``{"qemu-storage-daemon":
+  pid, "start": ticks}``, ``{"fuse2fs": ...}``, ``{"mount": path, "method": ...}``,
+  ``{"loop": "/dev/loopN"}``.
   The lock is taken before the record exists, so a directory with a record and a free
   lock belongs to a dead writer; one without a record is not ours to touch.
 """
