@@ -98,10 +98,12 @@ class DataSource(_Closing):
 class ImageStore:
     """All image stores of one datastore, with the operations of VIC's port-layer image store."""
 
-    def __init__(self, datastore=None, *, writer=None, workdir=None):
+    def __init__(self, datastore=None, *, writer=None, workdir=None, options=None):
+        """``datastore``: a directory or a vsphere:// URL; ``options``: its settings
+        (password_file, ca_file, insecure, cache_size: docs/vsphere.md)."""
         from .datastore import open_datastore
         from .store import ImageStore as _Store
-        self._st = _Store(open_datastore(datastore), writer_method=writer, workdir=workdir)
+        self._st = _Store(open_datastore(datastore, options), writer_method=writer, workdir=workdir)
 
     # --- image stores -------------------------------------------------------------------
     def create_image_store(self, name, capacity="8GB"):
@@ -162,13 +164,17 @@ class ImageStore:
         return self._st.url(store, image_id)
 
     def owners(self, url, filter=None):
-        """Containers whose disk is a child of the image at ``url``, those ``filter`` accepts."""
+        """What uses the image at ``url``, those ``filter`` accepts: containers whose disk is
+        a child of it, and on vSphere the VMs whose disks use it (VMOwner: name, power_state)."""
         from urllib.parse import unquote
         path = unquote(url.removeprefix("ds://"))
         out = []
         for c in self._st.list_containers():
             if self._st.datastore_path(c.store, c.image) == path and (filter is None or filter(c)):
                 out.append(c)
+        disk = self._st.ds.relative_path(path)
+        if self._st.ds.vms is not None and disk is not None:
+            out += self._st.ds.vms.owners(disk, filter)
         return out
 
     # --- moving data ----------------------------------------------------------------------
@@ -189,8 +195,13 @@ class ImageStore:
     def new_data_source(self, store, image_id):
         return DataSource(self._st, self._st.tree(store, image_id))
 
-    def join(self, store, image_id, container_id):
-        return self._st.join(store, image_id, container_id)
+    def join(self, store, image_id, container_id, vm=None, repo=None):
+        """A container's disk as a child of the image; with ``vm`` (vSphere) a disk of that VM."""
+        return self._st.join(store, image_id, container_id, vm=vm, repo=repo)
+
+    def detach(self, container_id, vm, destroy=False):
+        """Take a joined container's disk off its VM (vSphere); ``destroy`` deletes it too."""
+        return self._st.detach(container_id, vm, destroy=destroy)
 
     def containers(self):
         return self._st.list_containers()

@@ -79,7 +79,8 @@ def check_store(st, store, *, repair=False, data=True, workdir=None) -> Report:
 
 # --- what dead writers left ------------------------------------------------------------------------
 def _leftovers(st, store, report, repair, workdir):
-    images = os.path.abspath(st.ds.local_path(_images_dir(store)))
+    local = getattr(st.ds, "local_path", None)          # a remote datastore's writers stage elsewhere
+    images = os.path.abspath(local(_images_dir(store))) if local else None
 
     def writes_here(path):                      # a dead writer of one of this store's images
         return any(os.path.dirname(os.path.dirname(disk)) == images for disk in disks_of(path))
@@ -96,7 +97,7 @@ def _leftovers(st, store, report, repair, workdir):
             d = _image_dir(store, image_id)
             where = f"{store}/{image_id}"
             if not st.ds.is_dir(d):
-                report.problems.append(Problem(st.ds.local_path(d), "stray-file", "not an image directory"))
+                report.problems.append(Problem(d, "stray-file", "not an image directory"))
                 continue
             complete = st.ds.exists(f"{d}/manifest") and st.ds.exists(_disk_path(store, image_id))
             if not complete and image_id != SCRATCH:

@@ -34,6 +34,12 @@ EXIT_CODES = [
 ]
 
 
+def datastore_options(args):
+    """The remote backends' settings from the global flags (None: not given)."""
+    return {"password_file": args.password_file, "ca_file": args.ca_file,
+            "insecure": True if args.insecure else None, "cache_size": args.cache_size}
+
+
 def exit_code(err):
     for kind, code in EXIT_CODES:
         if isinstance(err, kind):
@@ -66,7 +72,9 @@ def _datastore_spec(args, create=False):
 def _open_store(args, create=False):
     from .datastore import open_datastore
     from .store import ImageStore
-    return ImageStore(open_datastore(_datastore_spec(args, create)), writer_method=getattr(args, "writer", None))
+    options = dict(datastore_options(args), create=create)   # a remote folder too is made by store create only
+    return ImageStore(open_datastore(_datastore_spec(args, create), options),
+                      writer_method=getattr(args, "writer", None))
 
 
 def _open_input(path):
@@ -300,8 +308,12 @@ def cmd_export(args):
 # --- containers ---------------------------------------------------------------------------------
 def cmd_container_join(args):
     st = _open_store(args)
-    c = st.join(args.store, _image_id(st, args.store, args.image), args.id)
+    c = st.join(args.store, _image_id(st, args.store, args.image), args.id, vm=args.vm, repo=args.repo)
     print(c.disk)
+
+
+def cmd_container_detach(args):
+    _open_store(args).detach(args.id, args.vm, destroy=args.destroy)
 
 
 def cmd_container_ls(args):
@@ -348,6 +360,9 @@ def cmd_mount(args):
     args.datastore = args.datastore_pos or args.datastore
     datastore = _datastore_spec(args)
     options = [o for opt in (args.options or []) for o in opt.split(",") if o]
+    for key, value in datastore_options(args).items():
+        if value is not None:
+            options.append(key if value is True else f"{key}={value}")
     return mount(datastore, args.mountpoint, foreground=args.foreground, options=options)
 
 
@@ -423,8 +438,15 @@ def _json_flag(p):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="imagefs", description="Layered container image stores on VMDK disks.")
-    p.add_argument("--datastore", metavar="PATH",
-                   help="datastore directory (default $IMAGEFS_DATASTORE or ~/.local/share/imagefs)")
+    p.add_argument("--datastore", metavar="PATH|URL",
+                   help="datastore directory or vsphere://USER@HOST[:PORT]/DATACENTER/DATASTORE[/PATH] "
+                        "(default $IMAGEFS_DATASTORE or ~/.local/share/imagefs)")
+    p.add_argument("--password-file", metavar="FILE",
+                   help="vSphere password file (else $IMAGEFS_VSPHERE_PASSWORD, else a prompt)")
+    p.add_argument("--ca-file", metavar="FILE", help="a CA to trust for vSphere TLS ($IMAGEFS_VSPHERE_CA_FILE)")
+    p.add_argument("--insecure", action="store_true",
+                   help="do not verify the vSphere TLS certificate ($IMAGEFS_VSPHERE_INSECURE=1)")
+    p.add_argument("--cache-size", metavar="SIZE", help="local cache of vSphere layer blocks (default 4GiB)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens on stderr")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--version", action="store_true", help="versions of imagefs, libfuse, pyfuse3, trio, pyvmomi")
@@ -523,7 +545,14 @@ def build_parser():
     c.add_argument("store")
     c.add_argument("image")
     c.add_argument("id")
+    c.add_argument("--vm", metavar="VM", help="vSphere: add the disk to this VM (ReconfigVM)")
+    c.add_argument("--repo", metavar="NAME", help="repository name recorded with the join (with --vm)")
     c.set_defaults(func=cmd_container_join)
+    c = cont.add_parser("detach", help="vSphere: take a joined container's disk off its VM")
+    c.add_argument("id")
+    c.add_argument("--vm", metavar="VM", required=True)
+    c.add_argument("--destroy", action="store_true", help="also delete the disk (default: keep it)")
+    c.set_defaults(func=cmd_container_detach)
     c = cont.add_parser("ls", help="list containers")
     _json_flag(c)
     c.set_defaults(func=cmd_container_ls)

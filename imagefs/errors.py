@@ -11,7 +11,9 @@ class ImageFSError(Exception):
     errno = _errno.EIO
 
 
-class NotFound(ImageFSError):
+class NotFound(ImageFSError, FileNotFoundError):
+    """A missing path, store, image or container. Also a FileNotFoundError, so code
+    written against host files (the VMDK reader's opener) catches it as such."""
     errno = _errno.ENOENT
 
 
@@ -49,3 +51,12 @@ class ToolFailed(ImageFSError):
 
 class NoSpace(ImageFSError):
     errno = _errno.ENOSPC
+
+
+class PermissionDenied(ImageFSError):
+    errno = _errno.EACCES
+
+
+class Unavailable(ImageFSError):
+    """A remote datastore cannot be reached or refused us (network, TLS, login)."""
+    errno = _errno.EIO

@@ -45,6 +45,16 @@ _DIRENT = struct.Struct("<IHBB")
 _EXT_HEADER = struct.Struct("<HHHHI")
 _EXT_ENTRY = struct.Struct("<IHHI")     # leaf: ee_block, ee_len, ee_start_hi, ee_start_lo
 _EXT_INDEX = struct.Struct("<IIHH")     # index: ei_block, ei_leaf_lo, ei_leaf_hi, unused
+# Bounds on what on-disk fields may make us read (they are untrusted): a group descriptor
+# table up to 64 MiB, extent trees up to 65,536 blocks and 65,536 extents (a freshly
+# written layer has a handful per file), directories up to 64 MiB, symlinks up to
+# PATH_MAX, xattr values up to the VFS's 64 KiB.
+MAX_GDT_BYTES = 64 << 20
+MAX_EXTENT_NODES = 65536
+MAX_EXTENTS = 1 << 16
+MAX_DIR_BYTES = 64 << 20
+MAX_SYMLINK = 4096
+MAX_XATTR_VALUE = 65536
 
 
 class Geometry:
@@ -57,6 +67,8 @@ class Geometry:
             raise CorruptDisk("no ext4 superblock")
         (self.inodes_count, blocks_lo, _r, _f, _fi, first_data_block, log_bs, _lc,
          blocks_per_group, _cpg, self.inodes_per_group) = struct.unpack_from("<11I", sb, 0)
+        if log_bs > 6:
+            raise CorruptDisk(f"superblock: block size 2**{10 + log_bs} is not an ext4 block size")
         self.block_size = 1024 << log_bs
         self.first_ino, self.inode_size = struct.unpack_from("<IH", sb, 0x54)
         self.label = sb[0x78:0x88].split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -64,7 +76,10 @@ class Geometry:
         desc_size = struct.unpack_from("<H", sb, 0xFE)[0] if incompat & _INCOMPAT_64BIT else 32
         blocks_hi = struct.unpack_from("<I", sb, 0x150)[0] if incompat & _INCOMPAT_64BIT else 0
         blocks = (blocks_hi << 32) | blocks_lo
+        _check_superblock(self, blocks, first_data_block, blocks_per_group, desc_size, chain.size)
         n_groups = -(-(blocks - first_data_block) // blocks_per_group)
+        if n_groups * desc_size > MAX_GDT_BYTES:
+            raise CorruptDisk(f"superblock: {n_groups} block groups is more than imagefs reads")
         has_unused = bool(ro_compat & (_RO_COMPAT_GDT_CSUM | _RO_COMPAT_METADATA_CSUM))
         gdt = chain.pread((first_data_block + 1) * self.block_size, n_groups * desc_size)
         if len(gdt) != n_groups * desc_size:
@@ -88,6 +103,10 @@ class Geometry:
                 self.used_in_group.append(0)
             else:
                 self.used_in_group.append(self.inodes_per_group - unused if has_unused else self.inodes_per_group)
+
+    def in_use(self, ino):
+        """Could ``ino`` be an inode of this filesystem (a number within the tables)?"""
+        return 1 <= ino <= min(self.inodes_count, len(self.inode_tables) * self.inodes_per_group)
 
     def same_layout(self, other):
         """True if inode numbers map to the same disk positions in both filesystems."""
@@ -125,6 +144,23 @@ class Geometry:
         if len(data) != self.block_size:
             raise CorruptDisk(f"inode table block {block} lies beyond the disk")
         return data
+
+
+def _check_superblock(geo, blocks, first_data_block, blocks_per_group, desc_size, disk_size):
+    """Superblock fields that size what we read must describe a filesystem that fits the disk."""
+    bs = geo.block_size
+    problems = [
+        (not 0 < blocks_per_group <= 8 * bs, f"{blocks_per_group} blocks per group"),
+        (not 0 < geo.inodes_per_group <= 8 * bs, f"{geo.inodes_per_group} inodes per group"),
+        (geo.inode_size < 128 or geo.inode_size > bs or geo.inode_size & (geo.inode_size - 1),
+         f"inode size {geo.inode_size}"),
+        (desc_size < 32 or desc_size > 1024 or desc_size & (desc_size - 1), f"descriptor size {desc_size}"),
+        (first_data_block >= blocks or blocks * bs > disk_size, f"{blocks} blocks on a disk of {disk_size} bytes"),
+        (geo.inodes_count == 0, "no inodes"),
+    ]
+    for bad, what in problems:
+        if bad:
+            raise CorruptDisk(f"superblock: {what}")
 
 
 class Stat(NamedTuple):
@@ -272,6 +308,29 @@ def vfs_acl(value):
     return b"".join(out) if pos == len(value) else value
 
 
+def check_xattr_sizes(geo, rec):
+    """CorruptDisk if an xattr entry claims a value over 64 KiB (ea_inode values are read by
+    their claimed size)."""
+    extra, = struct.unpack_from("<H", rec, 0x80)
+    areas = []
+    off = 128 + extra
+    if off + 4 <= len(rec) and struct.unpack_from("<I", rec, off)[0] == _XATTR_MAGIC:
+        areas.append((rec, off + 4))
+    block = xattr_block(rec)
+    if block:
+        data = geo.chain.pread(block * geo.block_size, geo.block_size)
+        if len(data) == geo.block_size and struct.unpack_from("<I", data)[0] == _XATTR_MAGIC:
+            areas.append((data, 32))
+    for data, pos in areas:
+        while pos + 16 <= len(data):
+            name_len, index, value_offs, inum, value_size = struct.unpack_from("<BBHII", data, pos)
+            if (name_len, index, value_offs) == (0, 0, 0):
+                break
+            if value_size > MAX_XATTR_VALUE:
+                raise CorruptDisk(f"xattr value of {value_size} bytes")
+            pos += (16 + name_len + 3) & ~3
+
+
 def xattr_block(rec):
     """Block number of the inode's external xattr block, 0 if none."""
     lo, = struct.unpack_from("<I", rec, 0x68)
@@ -299,13 +358,17 @@ def extent_map(geo, rec):
         return None
     runs, tree_blocks = [], []
     _walk_extents(geo, rec[0x28:0x28 + 60], runs, tree_blocks, depth_left=5)
+    if len(set(tree_blocks)) != len(tree_blocks):
+        raise CorruptDisk("extent tree uses a block twice")
     return runs, tree_blocks
 
 
 def _walk_extents(geo, node, runs, tree_blocks, depth_left):
     magic, entries, _max, depth, _gen = _EXT_HEADER.unpack_from(node, 0)
-    if magic != _EXTENT_MAGIC or depth_left < 0 or 12 + entries * 12 > len(node):
+    if magic != _EXTENT_MAGIC or depth_left < 0 or 12 + entries * 12 > len(node) or depth > depth_left:
         raise CorruptDisk("bad extent tree")
+    if len(tree_blocks) > MAX_EXTENT_NODES or len(runs) > MAX_EXTENTS:
+        raise CorruptDisk("extent tree larger than imagefs reads")
     for i in range(entries):
         off = 12 + i * 12
         if depth == 0:
@@ -319,12 +382,16 @@ def _walk_extents(geo, node, runs, tree_blocks, depth_left):
             block = (leaf_hi << 32) | leaf_lo
             tree_blocks.append(block)
             child = geo.chain.pread(block * geo.block_size, geo.block_size)
+            if len(child) != geo.block_size or _EXT_HEADER.unpack_from(child, 0)[3] != depth - 1:
+                raise CorruptDisk(f"bad extent tree block {block}")
             _walk_extents(geo, child, runs, tree_blocks, depth_left - 1)
 
 
 def read_dir(geo, rec, runs):
     """Entries of a directory as [(name bytes, ino)], without '.' and '..'."""
     bs = geo.block_size
+    if size_of(rec) > MAX_DIR_BYTES:
+        raise CorruptDisk(f"directory of {size_of(rec)} bytes is larger than imagefs reads")
     n_blocks = -(-size_of(rec) // bs)
     entries = []
     for lblk, pblk, count in runs:
@@ -334,6 +401,7 @@ def read_dir(geo, rec, runs):
         data = geo.chain.pread(pblk * bs, count * bs)
         for start in range(0, len(data), bs):
             _parse_dir_block(data, start, start + bs, entries)
+    _check_unique(entries)
     return entries
 
 
@@ -341,6 +409,14 @@ def parse_dir_data(data, block_size, entries):
     """Append the entries of a whole directory's data (any number of blocks) to ``entries``."""
     for start in range(0, len(data) - len(data) % block_size, block_size):
         _parse_dir_block(data, start, start + block_size, entries)
+    _check_unique(entries)
+
+
+def _check_unique(entries):
+    """A name twice in one directory (only a corrupt one has it) would let an export write
+    a symlink and then a directory of the same name that extraction follows."""
+    if len({name for name, _ in entries}) != len(entries):
+        raise CorruptDisk("a name appears twice in one directory")
 
 
 def _parse_dir_block(data, pos, end, entries):
@@ -354,6 +430,8 @@ def _parse_dir_block(data, pos, end, entries):
         if ino:
             name = data[pos + 8:pos + 8 + name_len]
             if name not in (b".", b".."):
+                if not name or b"/" in name or b"\0" in name:
+                    raise CorruptDisk(f"bad directory entry name {name!r}")
                 entries.append((name, ino))
         pos += rec_len
 

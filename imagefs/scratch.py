@@ -7,6 +7,7 @@ mounts of children have no lazy-init writes to copy into every layer), 256-byte
 inodes and no inline_data (what the read path supports), then converted to a
 monolithicSparse VMDK (qemu-img skips zero grains).
 """
+import math
 import os
 import shutil
 import subprocess
@@ -37,7 +38,9 @@ def parse_size(text):
     try:
         value = float(num)
     except ValueError:
-        raise InvalidInput(f"invalid size {text!r}: use e.g. 8GB, 512MiB or a byte count") from None
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or value * _UNITS.get(unit, 1) >= 2 ** 63:
+        raise InvalidInput(f"invalid size {text!r}: use e.g. 8GB, 512MiB or a byte count")
     if unit not in _UNITS:
         raise InvalidInput(f"invalid size unit in {text!r}")
     return int(value * _UNITS[unit])

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from . import scratch as scratch_disk
 from .crashpoints import crash_point
-from .errors import Exists, ImageFSError, InUse, InvalidInput, NoSpace, NotFound, ReadOnly
+from .errors import CorruptDisk, Exists, ImageFSError, InUse, InvalidInput, NoSpace, NotFound, ReadOnly
 from .ids import SCRATCH, check_id
 from .layer.recover import recover_work_dirs
 from .layer.tools import hold_interrupts
@@ -29,8 +29,8 @@ from .vmdk import DiskChain, SparseExtent
 log = logging.getLogger("imagefs.store")
 
 ROOT_DIR = "VIC"
+DISK_SUFFIX = ".vmdk"
 CLAIM = ".writing"
-DATASTORE_NAME = "local"
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,8 @@ class Catalogue:
     def ancestors(self, image_id):
         out, img = [], self.images[image_id]
         while img.parent is not None and img.parent in self.images:
+            if img.parent == image_id or img.parent in out:
+                raise CorruptDisk(f"image {image_id} in store {img.store}: its disk chain loops at {img.parent}")
             out.append(img.parent)
             img = self.images[img.parent]
         return out
@@ -91,6 +93,11 @@ def _claim_path(store, image_id):
     return f"{_image_dir(store, image_id)}/{CLAIM}"
 
 
+def _children_lock(store, image_id):
+    """Held (shared) while a child of the image is written, so the image is not deleted under it."""
+    return f"{_image_dir(store, image_id)}/.children.lock"
+
+
 def _container_disk(container_id):
     return f"{container_id}/{container_id}.vmdk"
 
@@ -106,11 +113,11 @@ class ImageStore:
         self.writer_method = writer_method
         self.workdir = workdir
         self.catalogue_ttl = catalogue_ttl
-        self._recover = recover
         self._cleaned = set()
         self._catalogues = {}         # store -> (monotonic time built, Catalogue)
         self._containers = None       # (monotonic time listed, [Container])
         self._parents = {}            # (disk, size, mtime) -> parent disk path or None
+        self._recover = recover
         self.ds.mkdir(ROOT_DIR, parents=True)
         if recover:
             recover_work_dirs(workdir)      # what killed writers of this machine left running
@@ -124,12 +131,15 @@ class ImageStore:
         except Exists:
             raise Exists(f"image store {name} already exists") from None
         try:
-            self.ds.mkdir(_images_dir(name))
-            self.ds.mkdir(_image_dir(name, SCRATCH))
-            self.ds.mkdir(f"{_image_dir(name, SCRATCH)}/imageMetadata")
-            scratch_disk.make_scratch_disk(self.ds.local_path(_disk_path(name, SCRATCH)), capacity,
-                                           workdir=self.workdir)
-            self.ds.write_file(f"{_image_dir(name, SCRATCH)}/manifest", b"")
+            # held while scratch is made: a delete or clean-up by another process waits it out (EBUSY)
+            with self.ds.lock(f"{_store_dir(name)}/.lock", exclusive=True):
+                self.ds.mkdir(_images_dir(name))
+                self.ds.mkdir(_image_dir(name, SCRATCH))
+                self.ds.mkdir(f"{_image_dir(name, SCRATCH)}/imageMetadata")
+                with self.ds.new_host_dir(_image_dir(name, SCRATCH)) as host:
+                    scratch_disk.make_scratch_disk(f"{host}/{SCRATCH}{DISK_SUFFIX}", capacity,
+                                                   workdir=self.workdir)
+                self.ds.write_file(f"{_image_dir(name, SCRATCH)}/manifest", b"")
         except BaseException:
             self.ds.rmtree(_store_dir(name))
             raise
@@ -156,8 +166,7 @@ class ImageStore:
         return name
 
     def delete_store(self, name, force=False):
-        """Delete a store. Refused (InUse) while it holds images other than scratch, unless force,
-        and while a layer is being written into it."""
+        """Delete a store. Refused (InUse) while it holds images other than scratch, unless force."""
         self.get_store(name)
         images = [i for i in self._image_ids(name) if i != SCRATCH]
         containers = [c for c in self.list_containers() if c.store == name]
@@ -193,14 +202,9 @@ class ImageStore:
 
     def _incomplete_ids(self, store):
         """Directories under images/ that are not complete images (no manifest or no disk)."""
-        out = []
-        for image_id in self.ds.listdir(_images_dir(store)):
-            d = _image_dir(store, image_id)
-            if not self.ds.is_dir(d):
-                continue
-            if not (self.ds.exists(f"{d}/manifest") and self.ds.exists(_disk_path(store, image_id))):
-                out.append(image_id)
-        return out
+        return [image_id for image_id, held in self._walk_images(store).items()
+                if not ("manifest" in held and f"{image_id}{DISK_SUFFIX}" in held)
+                and self.ds.is_dir(_image_dir(store, image_id))]
 
     def _is_being_written(self, store, image_id):
         with self.ds.lock(_claim_path(store, image_id), exclusive=True, blocking=False) as got:
@@ -211,6 +215,9 @@ class ImageStore:
         the store lock). True if removed."""
         d = _image_dir(store, image_id)
         if self.ds.exists(f"{d}/manifest") and self.ds.exists(_disk_path(store, image_id)):
+            return False
+        if self.ds.is_link(d):          # not imagefs's: never followed, never removed
+            log.warning("store %s: images/%s is a symbolic link; left alone", store, image_id)
             return False
         with self.ds.lock(_claim_path(store, image_id), exclusive=True, blocking=False) as got:
             if not got:
@@ -252,19 +259,28 @@ class ImageStore:
 
     # --- images -------------------------------------------------------------------------------
     def _image_ids(self, store):
-        return [i for i in self.ds.listdir(_images_dir(store))
-                if self.ds.exists(f"{_image_dir(store, i)}/manifest")]
+        return sorted(i for i, held in self._walk_images(store).items() if "manifest" in held)
 
-    def _read_extent(self, disk):
-        handle = self.ds.open_read(disk)
+    def _walk_images(self, store):
+        """``{image id: {path inside its directory: FileInfo}}`` from one walk."""
+        names = {}
+        for path, info in self.ds.walk(_images_dir(store)).items():
+            image_id, _, rest = path.partition("/")
+            held = names.setdefault(image_id, {})
+            if rest:
+                held[rest] = info
+        return names
+
+    def _read_extent(self, disk, known=None):
+        handle = self.ds.open_read(disk, known=known)
         try:
             return SparseExtent(disk, handle)
         finally:
             handle.close()
 
-    def _parent_of_disk(self, disk):
+    def _parent_of_disk(self, disk, known=None):
         """(parent image id or None, parent disk path) from a disk's descriptor."""
-        extent = self._read_extent(disk)
+        extent = self._read_extent(disk, known)
         if not extent.parent_hint or extent.parent_cid == "ffffffff":
             return None, None
         parent_disk = posixpath.normpath(posixpath.join(posixpath.dirname(disk), extent.parent_hint))
@@ -277,11 +293,7 @@ class ImageStore:
         now = time.monotonic()
         if cached is not None and now - cached[0] < self.catalogue_ttl:
             return cached[1]
-        files = self.ds.walk(_images_dir(store))
-        names = {}
-        for path, info in files.items():
-            image_id, _, rest = path.partition("/")
-            names.setdefault(image_id, {})[rest] = info
+        names = self._walk_images(store)
         images, usage, children = {}, {}, {}
         for image_id, held in sorted(names.items()):
             disk_info = held.get(f"{image_id}.vmdk")
@@ -290,11 +302,15 @@ class ImageStore:
             disk = _disk_path(store, image_id)
             parent = None
             if image_id != SCRATCH:
-                parent_disk = self._parent_disk(disk, disk_info)
+                try:
+                    parent_disk = self._parent_disk(disk, disk_info)
+                except (NotFound, FileNotFoundError):
+                    continue    # deleted (by another process) since the walk: not an image any more
                 parent = None if parent_disk is None else posixpath.basename(parent_disk)[: -len(".vmdk")]
-            keys = tuple(sorted(k.partition("/")[2] for k in held if k.startswith("imageMetadata/")))
+            keys = tuple(sorted(k.partition("/")[2] for k, info in held.items()
+                                if k.startswith("imageMetadata/") and not info.is_dir))
             images[image_id] = Image(image_id, store, parent, disk, keys)
-            usage[image_id] = sum(info.size for name, info in held.items() if "/" not in name and name.endswith(".vmdk"))
+            usage[image_id] = _disk_bytes(held)
         for img in images.values():
             if img.parent is not None:
                 children.setdefault(img.parent, []).append(img.id)
@@ -306,7 +322,7 @@ class ImageStore:
         """The parent disk's path from a disk's descriptor, read once per (disk, size, mtime)."""
         key = (disk, info.size, info.mtime_ns)
         if key not in self._parents or info.mtime_ns is None:
-            self._parents[key] = self._parent_of_disk(disk)[1]
+            self._parents[key] = self._parent_of_disk(disk, info)[1]
         return self._parents[key]
 
     def _changed(self, store=None):
@@ -323,17 +339,18 @@ class ImageStore:
                 return img
         self.get_store(store)
         check_id(image_id)
-        d = _image_dir(store, image_id)
-        if not self.ds.exists(f"{d}/manifest"):
+        try:
+            held = self.ds.walk(_image_dir(store, image_id))       # one request, remote or not
+        except NotFound:
+            held = {}
+        if "manifest" not in held:
             raise NotFound(f"image {image_id} not found in store {store}")
         disk = _disk_path(store, image_id)
-        if not self.ds.exists(disk):
+        if f"{image_id}{DISK_SUFFIX}" not in held:
             raise NotFound(f"image {image_id} in store {store} has no disk")
-        parent = None if image_id == SCRATCH else self._parent_of_disk(disk)[0]
-        try:
-            keys = tuple(self.ds.listdir(f"{d}/imageMetadata"))
-        except NotFound:
-            keys = ()
+        parent = None if image_id == SCRATCH else self._parent_of_disk(disk, held[f"{image_id}{DISK_SUFFIX}"])[0]
+        keys = tuple(sorted(k.partition("/")[2] for k, info in held.items()
+                            if k.startswith("imageMetadata/") and not info.is_dir))
         return Image(image_id, store, parent, disk, keys)
 
     def list_images(self, store, include_scratch=True):
@@ -378,13 +395,16 @@ class ImageStore:
             parent = self.get_image(store, parent_id)
         except NotFound:
             raise NotFound(f"parent image {parent_id} not found in store {store}") from None
-        with self._claim(store, image_id) as d:
-            self.ds.mkdir(f"{d}/imageMetadata")
-            result = write_layer(self.ds.local_path(parent.disk),
-                                 self.ds.local_path(_disk_path(store, image_id)), stream,
-                                 expected_sum=expected_sum, method=self.writer_method,
-                                 workdir=self.workdir, progress=progress, on_archive_end=on_archive_end)
-            self._commit(d, metadata)
+        with self.ds.lock(_children_lock(store, parent_id), exclusive=False):      # the parent stays
+            if not self.ds.exists(f"{_image_dir(store, parent_id)}/manifest"):
+                raise NotFound(f"parent image {parent_id} not found in store {store}")
+            with self._claim(store, image_id) as d:
+                self.ds.mkdir(f"{d}/imageMetadata")
+                with self.host_chain(parent.disk) as parent_host, self.ds.new_host_dir(d) as host:
+                    result = write_layer(parent_host, f"{host}/{image_id}{DISK_SUFFIX}", stream,
+                                         expected_sum=expected_sum, method=self.writer_method,
+                                         workdir=self.workdir, progress=progress, on_archive_end=on_archive_end)
+                self._commit(d, metadata)
         self._changed(store)
         log.info("wrote image %s/%s (parent %s, %s, %d bytes)", store, image_id, parent_id,
                  result.digest, result.size)
@@ -424,20 +444,30 @@ class ImageStore:
         img = self.get_image(store, image_id)
         if image_id == SCRATCH:
             raise InUse(f"scratch is the base of store {store} and cannot be deleted (delete the store)")
-        kids = self.children(store, image_id)
-        if kids:
-            raise InUse(f"image {image_id} is in use by child images: {', '.join(sorted(kids))}")
-        owners = self.owners(store, image_id)
-        if owners:
-            raise InUse(f"image {image_id} is in use by containers: {', '.join(owners)}")
-        from .oci.refs import RefStore
-        refs = RefStore(self, store).refs_of(image_id)
-        if refs:
-            raise InUse(f"image {image_id} is tagged {', '.join(refs)}; untag it first")
         d = _image_dir(store, image_id)
-        self.ds.remove(f"{d}/manifest")      # first: from here on the image does not exist
-        self.ds.remove(img.disk)
-        self.ds.rmtree(d)
+        # Under the lock a child write waits for (or makes this fail), the children are looked
+        # up afresh: a child sealed a moment ago (maybe by another process) must be seen. The
+        # store's lock, shared as writers hold it, keeps another process's clean-up from
+        # taking the half-deleted directory for a crashed write.
+        with self.ds.lock(f"{_store_dir(store)}/.lock", exclusive=False), \
+                self.ds.lock(_children_lock(store, image_id), exclusive=True, blocking=False) as got:
+            if not got:
+                raise InUse(f"image {image_id} has a child image being written")
+            self._changed(store)
+            self._changed()
+            kids = self.children(store, image_id)
+            if kids:
+                raise InUse(f"image {image_id} is in use by child images: {', '.join(sorted(kids))}")
+            owners = self.owners(store, image_id)
+            if owners:
+                raise InUse(f"image {image_id} is in use by containers: {', '.join(owners)}")
+            from .oci.refs import RefStore
+            refs = RefStore(self, store).refs_of(image_id)
+            if refs:
+                raise InUse(f"image {image_id} is tagged {', '.join(refs)}; untag it first")
+            self.ds.remove(f"{d}/manifest")      # first: from here on the image does not exist
+            self.ds.remove(img.disk)
+            self.ds.rmtree(d)
         self._changed(store)
         log.info("deleted image %s/%s", store, image_id)
 
@@ -469,6 +499,30 @@ class ImageStore:
     def open_chain(self, disk):
         return DiskChain(disk, self.ds.open_read)
 
+    @contextmanager
+    def host_chain(self, disk):
+        """``with st.host_chain(disk) as host:`` the host path of ``disk`` with its whole
+        chain (every disk file of every layer) beside it, for qemu tools to read."""
+        chain = self.open_chain(disk)
+        try:
+            layers = [layer.path for layer in chain.layers]
+        finally:
+            chain.close()
+        files, walks = [], {}
+        for layer in layers:
+            d, name = posixpath.split(layer)
+            parent = posixpath.dirname(d)
+            # one walk of a store's images dir serves every layer in it
+            where = parent if parent.endswith("/images") else d
+            if where not in walks:
+                walks[where] = self.ds.walk(where, pattern=f"*{DISK_SUFFIX}")
+            sub = d[len(where):].strip("/")
+            files.append(layer)
+            files += [f"{d}/{n.rpartition('/')[2]}" for n, info in walks[where].items()
+                      if not info.is_dir and n.rpartition("/")[0] == sub and n.rpartition("/")[2] != name]
+        with self.ds.host_files(files) as hosts:
+            yield hosts[0]
+
     def tree(self, store, image_id, cache=None):
         """The read API of a sealed image, opened anew (a mount keeps its own, see fuse/namespace.py);
         ``cache`` is where it keeps what it reads (imagefs/cache.py; one of its own by default)."""
@@ -481,8 +535,7 @@ class ImageStore:
         if self.catalogue_ttl:
             return self._catalogued(store, image_id).usage[image_id]
         self.get_image(store, image_id)
-        d = _image_dir(store, image_id)
-        return sum(self.ds.size(f"{d}/{n}") for n in self.ds.listdir(d) if n.endswith(".vmdk"))
+        return _disk_bytes(self.ds.walk(_image_dir(store, image_id)))
 
     def usage(self, store):
         """Bytes of all layer VMDKs of a store, scratch excluded (as VIC counts)."""
@@ -490,7 +543,7 @@ class ImageStore:
 
     def datastore_path(self, store, image_id):
         img = self.get_image(store, image_id)
-        return f"[{DATASTORE_NAME}] {img.disk}"
+        return self.ds.datastore_path(img.disk)
 
     def url(self, store, image_id):
         """The ``ds://`` URL of a layer's disk, escaped as VIC's url.URL.String() does."""
@@ -498,18 +551,26 @@ class ImageStore:
         return "ds://" + quote(self.datastore_path(store, image_id), safe="/")
 
     # --- containers -----------------------------------------------------------------------------
-    def join(self, store, image_id, container_id):
-        """Create a container's read-write disk as a child of an image; the image is then in use."""
+    def join(self, store, image_id, container_id, vm=None, repo=None):
+        """Create a container's read-write disk as a child of an image; the image is then in use.
+
+        With ``vm`` (vSphere) the disk is created by the host and added to that VM
+        (datastore/vsphere/join.py); without, it is made here and stored as a file.
+        """
         from .layer.writer import create_child_disk
 
         check_id(container_id, "container ID")
         img = self.get_image(store, image_id)
+        if vm is not None:
+            from .datastore.vsphere.join import join_vm
+            return join_vm(self, img, container_id, vm, repo)
         try:
             self.ds.mkdir(container_id)
         except Exists:
             raise Exists(f"container {container_id} already exists") from None
         try:
-            create_child_disk(self.ds.local_path(img.disk), self.ds.local_path(_container_disk(container_id)))
+            with self.host_chain(img.disk) as parent_host, self.ds.new_host_dir(container_id) as host:
+                create_child_disk(parent_host, f"{host}/{container_id}{DISK_SUFFIX}")
         except BaseException:
             self.ds.rmtree(container_id)
             raise
@@ -526,13 +587,15 @@ class ImageStore:
         return list(out)
 
     def _list_containers(self):
+        """Containers from their disks, ``<id>/<id>.vmdk`` at the datastore's top (one walk)."""
         out = []
-        for name in self.ds.listdir(""):
+        for rel, info in sorted(self.ds.walk("", pattern=f"*{DISK_SUFFIX}").items()):
+            name, _, file = rel.partition("/")
+            if name == ROOT_DIR or file != f"{name}{DISK_SUFFIX}" or info.is_dir or info.size == 0:
+                continue            # (a VM's disk in the simulator is an empty placeholder)
             disk = _container_disk(name)
-            if name == ROOT_DIR or not self.ds.exists(disk):
-                continue
             try:
-                parent_id, parent_disk = self._parent_of_disk(disk)
+                parent_id, parent_disk = self._parent_of_disk(disk, info)
             except ImageFSError as e:
                 log.warning("container %s: unreadable disk: %s", name, e)
                 continue
@@ -547,9 +610,14 @@ class ImageStore:
                 return c
         raise NotFound(f"container {container_id} not found")
 
-    def owners(self, store, image_id):
-        """IDs of the containers whose read-write disk is a child of this image's disk."""
-        return sorted(c.id for c in self.list_containers() if c.store == store and c.image == image_id)
+    def owners(self, store, image_id, vm_filter=None):
+        """What uses this image: IDs of the containers whose read-write disk is a child of
+        its disk, and, on a datastore with VMs, the names of the VMs whose disks use its
+        disk directly or through a parent (read live; ``vm_filter(VMOwner)`` keeps some)."""
+        out = {c.id for c in self.list_containers() if c.store == store and c.image == image_id}
+        if self.ds.vms is not None:
+            out |= {o.name for o in self.ds.vms.owners(_disk_path(store, image_id), vm_filter)}
+        return sorted(out)
 
     def remove_container(self, container_id):
         c = self.get_container(container_id)
@@ -557,14 +625,21 @@ class ImageStore:
         self._changed()
         return c
 
+    def detach(self, container_id, vm, destroy=False):
+        """Take a joined container's disk off VM ``vm``: kept, or with ``destroy`` deleted."""
+        from .datastore.vsphere.join import detach_vm
+        check_id(container_id, "container ID")
+        detach_vm(self, container_id, vm, destroy)
+        self._changed()
+
     @contextmanager
     def container_root(self, container_id, method=None):
         """Mount a container's read-write disk; sealed images never come here."""
         from .layer.writer import writable_mount
 
         c = self.get_container(container_id)
-        with writable_mount(self.ds.local_path(c.disk), method=method or self.writer_method,
-                            workdir=self.workdir) as mounted:
+        with self.host_chain(_disk_path(c.store, c.image)), self.ds.edit_host_file(c.disk) as host, \
+                writable_mount(host, method=method or self.writer_method, workdir=self.workdir) as mounted:
             yield mounted
 
     def container_import(self, target, stream, *, spec=None, store=None):
@@ -585,17 +660,9 @@ class ImageStore:
                 raise ReadOnly(f"image {target} in store {sealed[0]} is sealed and cannot change; "
                                "copy into a container joined to it instead") from None
             raise
-        backup = f"{c.disk}.import-backup"
-        self.ds.copy_file(c.disk, backup)
-        try:
-            with self.container_root(target) as mounted:
-                stats = apply_layer(mounted.root, stream, path_filter=spec.to_path_filter() if spec else None,
-                                    whiteouts=False, deferred=mounted.deferred)
-        except BaseException:
-            self.ds.replace(backup, c.disk)
-            raise
-        self.ds.remove(backup)
-        return stats
+        with self.container_root(c.id) as mounted:     # stored only if all of it went in
+            return apply_layer(mounted.root, stream, path_filter=spec.to_path_filter() if spec else None,
+                               whiteouts=False, deferred=mounted.deferred)
 
     def container_export(self, container_id, *, changes=False, spec=None, data=True):
         """A tar stream of a container's tree (VIC's data source), or with ``changes`` only
@@ -610,3 +677,8 @@ class ImageStore:
         """A fresh read API of a container's disk (not cached: the disk can change)."""
         c = self.get_container(container_id)
         return ImageTree(self.open_chain(c.disk), name=f"container {container_id}")
+
+
+def _disk_bytes(files):
+    """Bytes of the disk files among one image directory's entries."""
+    return sum(info.size for n, info in files.items() if "/" not in n and n.endswith(DISK_SUFFIX) and not info.is_dir)

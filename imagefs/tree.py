@@ -24,7 +24,8 @@ from .errors import CorruptDisk, InvalidInput, NotFound
 from .ext4 import Stat  # noqa: F401 - the read API's stat type
 
 ROOT_INO = 2
-_READ_ERRORS = (extfs_errors.Error, EOFError, ValueError, KeyError, IndexError, struct.error)
+# dissect's complaints about a broken (or unsupported: NotImplementedError) filesystem
+_READ_ERRORS = (extfs_errors.Error, EOFError, ValueError, KeyError, IndexError, struct.error, NotImplementedError)
 _tokens = itertools.count(1)
 
 # what one cached answer costs, roughly in bytes of memory
@@ -78,7 +79,7 @@ class ImageTree:
 
     def _raw_inode(self, ino):
         """The 256-byte on-disk inode record."""
-        if not 1 <= ino <= self.inodes_total:
+        if not self.geo.in_use(ino):
             raise CorruptDisk(f"{self.name}: inode number {ino} out of range")
         try:
             return self.geo.record(ino)
@@ -120,7 +121,7 @@ class ImageTree:
         except _READ_ERRORS as e:
             raise CorruptDisk(f"{self.name}: cannot read directory inode {ino} ({e})") from None
         for _name, child in entries:
-            if not 1 <= child <= self.inodes_total:
+            if not self.geo.in_use(child):
                 raise CorruptDisk(f"{self.name}: directory inode {ino} names inode {child} out of range")
         return tuple(entries)
 
@@ -153,6 +154,8 @@ class ImageTree:
         st = self.stat(ino)
         if not st.is_lnk:
             raise InvalidInput(f"inode {ino} is not a symlink")
+        if st.size > ext4.MAX_SYMLINK:
+            raise CorruptDisk(f"{self.name}: symlink inode {ino} claims {st.size} bytes")
         rec = self._raw_inode(ino)
         if st.size < 60 and not ext4.flags_of(rec) & ext4.EXTENTS_FL:
             return rec[0x28:0x28 + st.size]             # a fast symlink: the target is in i_block
@@ -164,8 +167,13 @@ class ImageTree:
                             lambda v: 100 + sum(len(k) + len(x) + 100 for k, x in v.items()))
 
     def _xattrs(self, ino):
-        if not ext4.has_xattrs(self._raw_inode(ino)):
+        rec = self._raw_inode(ino)
+        if not ext4.has_xattrs(rec):
             return {}
+        try:
+            ext4.check_xattr_sizes(self.geo, rec)
+        except CorruptDisk as e:
+            raise CorruptDisk(f"{self.name}: inode {ino}: {e}") from None
         try:
             return {name: ext4.vfs_acl(value) if name in ext4.ACL_NAMES else value
                     for name, value in ((x.name.encode("utf-8", "surrogateescape"), bytes(x.value))
@@ -217,8 +225,12 @@ class ImageTree:
         size = node.size
         if size == 0:
             return []
+        try:
+            runs = node.dataruns()
+        except _READ_ERRORS as e:
+            raise CorruptDisk(f"{self.name}: cannot map the data of inode {ino} ({e})") from None
         ranges, pos = [], 0
-        for block, count in node.dataruns():
+        for block, count in runs:
             length = count * self.block_size
             if block is not None and pos < size:
                 end = min(size, pos + length)

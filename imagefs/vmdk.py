@@ -26,6 +26,15 @@ _FLAG_ZEROED_GTE = 0x4
 _FLAG_COMPRESSED = 0x10000
 _GD_AT_END = 0xFFFFFFFFFFFFFFFF
 _NO_PARENT_CID = "ffffffff"
+# What a header may make us read or allocate (the fields are untrusted): 64 TiB disks,
+# grains up to 1 MiB, grain tables up to 4096 entries, descriptors up to 1 MiB, grain
+# directories up to 16 MiB, offsets inside a 2**50-byte file.
+MAX_CAPACITY_SECTORS = 1 << 37
+MAX_GRAIN_SECTORS = 2048
+MAX_GTES_PER_GT = 4096
+MAX_DESCRIPTOR_SECTORS = 2048
+MAX_GD_ENTRIES = 1 << 22
+MAX_SECTOR = 1 << 41
 
 
 class SparseExtent:
@@ -43,6 +52,8 @@ class SparseExtent:
             raise CorruptDisk(f"{path}: compressed (streamOptimized) VMDKs are not supported as layers")
         if not self.grain_sectors or not self.gtes_per_gt or not self.capacity or desc_off == 0:
             raise CorruptDisk(f"{path}: invalid sparse header")
+        _check_limits(path, self.capacity, self.grain_sectors, self.gtes_per_gt, desc_off, desc_size,
+                      self.gd_offset)
         self.grain_size = self.grain_sectors * SECTOR
         self.size = self.capacity * SECTOR
         raw = handle.pread(desc_off * SECTOR, desc_size * SECTOR).split(b"\0", 1)[0]
@@ -91,6 +102,21 @@ class SparseExtent:
 
     def close(self):
         self.handle.close()
+
+
+def _check_limits(path, capacity, grain_sectors, gtes_per_gt, desc_off, desc_size, gd_offset):
+    """Refuse headers whose sizes or offsets are beyond any real disk (they size reads)."""
+    problems = [
+        (capacity > MAX_CAPACITY_SECTORS, f"capacity of {capacity} sectors"),
+        (grain_sectors > MAX_GRAIN_SECTORS or grain_sectors & (grain_sectors - 1), f"grain of {grain_sectors} sectors"),
+        (gtes_per_gt > MAX_GTES_PER_GT, f"{gtes_per_gt} entries per grain table"),
+        (desc_size > MAX_DESCRIPTOR_SECTORS or desc_off > MAX_SECTOR, "descriptor size or offset"),
+        (gd_offset > MAX_SECTOR, "grain directory offset"),
+        (-(-capacity // (grain_sectors * gtes_per_gt)) > MAX_GD_ENTRIES, "grain directory size"),
+    ]
+    for bad, what in problems:
+        if bad:
+            raise CorruptDisk(f"{path}: invalid sparse header ({what})")
 
 
 def _parse_descriptor(text, path):
@@ -226,6 +252,8 @@ def _open_or_corrupt(opener, path):
         return opener(path)
     except FileNotFoundError:
         raise CorruptDisk(f"{path}: disk file is missing (broken chain)") from None
+    except OSError as e:        # a parent hint naming no openable file (too long, a directory...)
+        raise CorruptDisk(f"{path[:200]}: cannot open the disk ({e.strerror})") from None
 
 
 class ChainFile:

@@ -14,6 +14,7 @@ APT_PACKAGES=(
   debootstrap                            # a real Debian rootfs for the OCI image tests
   fio bindfs util-linux procps psmisc    # benchmarks (bindfs: a C FUSE peer); mount/losetup/setpriv; pkill/fuser
   patch                                  # the project's patch to pyfuse3 (scripts/build-pyfuse3.sh)
+  golang-go golang-github-vmware-govmomi-dev openssl  # the vSphere simulator the tests build (scripts/build-vcsim.sh)
   python3 python3-venv python3-dev gcc
 )
 
@@ -31,5 +32,5 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test,fuzz]'
 ./scripts/build-pyfuse3.sh               # pyfuse3 with cache_readdir (patches/)

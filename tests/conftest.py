@@ -98,3 +98,43 @@ def layer_flat_view():
     return _layer_flat_view
 
 # --- end of layer writer fixtures ---
+
+
+# --- the vSphere simulator and the two backends ---
+# One simulator per session (started on first use); every test that uses a vSphere
+# datastore gets a folder of its own in the simulator's datastore.
+
+@pytest.fixture(scope="session")
+def vcsim(tmp_path_factory):
+    import vsphere_sim
+    sim = vsphere_sim.start(str(tmp_path_factory.mktemp("vcsim")))
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture
+def vsphere_env(vcsim, monkeypatch, tmp_path):
+    """The environment a user would set for the simulator: password, CA, a cache."""
+    import vsphere_sim
+    monkeypatch.setenv("IMAGEFS_VSPHERE_PASSWORD", vsphere_sim.PASSWORD)
+    monkeypatch.setenv("IMAGEFS_VSPHERE_CA_FILE", vcsim.ca_file)
+    monkeypatch.setenv("IMAGEFS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("IMAGEFS_VSPHERE_INSECURE", raising=False)
+    return vcsim
+
+
+@dataclass
+class Backend:
+    name: str           # "local" or "vsphere"
+    spec: str           # what --datastore / open_datastore takes
+    root: str           # the host directory holding the datastore's files (to poke at in tests)
+
+
+@pytest.fixture(params=["local", "vsphere"])
+def backend(request, tmp_path):
+    """A fresh, empty datastore of each backend."""
+    if request.param == "local":
+        return Backend("local", str(tmp_path / "ds"), str(tmp_path / "ds"))
+    sim = request.getfixturevalue("vsphere_env")
+    folder = f"t-{os.path.basename(str(tmp_path))}-{os.getpid()}"
+    return Backend("vsphere", sim.url(folder), os.path.join(sim.ds_dir, folder))

@@ -46,6 +46,15 @@ def make_tar(entries, fmt=tarfile.PAX_FORMAT):
     return buf.getvalue()
 
 
+def one_line_error(proc):
+    """The one ``imagefs: ...`` line a failed command printed (and no traceback)."""
+    assert proc.returncode != 0
+    lines = proc.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imagefs: "), proc.stderr
+    assert b"Traceback" not in proc.stderr
+    return lines[0]
+
+
 def sha256(data):
     return "sha256:" + hashlib.sha256(data).hexdigest()
 

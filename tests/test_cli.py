@@ -8,12 +8,12 @@ import tarfile
 
 import pytest
 
-from helpers import make_tar, sha256
+from helpers import make_tar, one_line_error, sha256
 
 
 @pytest.fixture
-def cli(tmp_path):
-    ds = str(tmp_path / "ds")
+def cli(backend):
+    ds = backend.spec
 
     def run(*args, input=None, ok=True):
         proc = subprocess.run([sys.executable, "-m", "imagefs", "--datastore", ds, *args],
@@ -22,14 +22,6 @@ def cli(tmp_path):
             assert proc.returncode == 0, proc.stderr.decode()
         return proc
     return run
-
-
-def one_line_error(proc):
-    assert proc.returncode != 0
-    lines = proc.stderr.decode().strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("imagefs: "), proc.stderr
-    assert b"Traceback" not in proc.stderr
-    return lines[0]
 
 
 def test_store_commands(cli):
@@ -42,7 +34,7 @@ def test_store_commands(cli):
     assert "not found" in one_line_error(cli("store", "rm", "s", ok=False))
 
 
-def test_image_write_info_meta_rm(cli, tmp_path):
+def test_image_write_info_meta_rm(cli, tmp_path, backend):
     cli("store", "create", "s", "--capacity", "256MiB")
     data = make_tar([("hello.txt", "file", {"data": b"hello\n"})])
     tar = tmp_path / "l.tar"
@@ -58,7 +50,9 @@ def test_image_write_info_meta_rm(cli, tmp_path):
     assert cli("image", "ls", "s", "-q").stdout == b"l1\nl2\nscratch\n"
     info = cli("image", "info", "s", "l2").stdout.decode()
     assert "parent:     l1" in info and "ancestors:  l1 scratch" in info
-    assert "url:        ds://%5Blocal%5D%20VIC/s/images/l2/l2.vmdk" in info
+    folder = backend.spec.rpartition("/")[2]
+    ds_path = "%5Blocal%5D%20" if backend.name == "local" else f"%5BLocalDS_0%5D%20{folder}/"
+    assert f"url:        ds://{ds_path}VIC/s/images/l2/l2.vmdk" in info
     assert cli("image", "meta", "s", "l1").stdout == b"author\nmetaData\n"
     assert cli("image", "meta", "s", "l1", "metaData").stdout == b'{"a": 1}'
     assert "in use by child images: l2" in one_line_error(cli("image", "rm", "s", "l1", ok=False))
@@ -84,9 +78,9 @@ def test_write_errors_are_one_line(cli, tmp_path):
     assert one_line_error(cli("store", "create", "s", ok=False)) == "imagefs: image store s already exists"
 
 
-def test_exit_codes_json_version_and_status(cli, tmp_path):
+def test_exit_codes_json_version_and_status(cli, backend):
     assert cli("store", "ls", ok=False).returncode == 3                      # no datastore yet: not created
-    assert not os.path.exists(tmp_path / "ds")
+    assert not os.path.exists(backend.root)
     cli("store", "create", "s", "--capacity", "256MiB")
     assert cli("image", "info", "s", "nope", ok=False).returncode == 3      # not found
     assert cli("image", "rm", "s", "scratch", ok=False).returncode == 4     # in use
@@ -122,12 +116,12 @@ def test_export_whole_image_and_diff(cli, tmp_path):
     assert not os.path.exists(str(out) + ".part")
 
 
-def test_progress_on_a_terminal_and_no_tar_to_a_terminal(cli, tmp_path):
+def test_progress_on_a_terminal_and_no_tar_to_a_terminal(cli, tmp_path, backend):
     import pty
     cli("store", "create", "s", "--capacity", "256MiB")
     tar = tmp_path / "big.tar"
     tar.write_bytes(make_tar([("big", "file", {"data": os.urandom(64 << 20)})]))
-    ds = str(tmp_path / "ds")
+    ds = backend.spec
 
     def on_tty(*args, stdout_tty=False):
         master, slave = pty.openpty()

@@ -18,17 +18,23 @@ from helpers import make_tar
 
 
 @pytest.fixture
-def st(tmp_path):
-    st = ImageStore(open_datastore(str(tmp_path / "ds")))
+def st(backend):
+    st = ImageStore(open_datastore(backend.spec))
+    st.root = backend.root          # where the datastore's files are, to look at them directly
     st.create_store("s", capacity="256MiB")
     st.write_image("s", "scratch", "img", io.BytesIO(make_tar([("app", "dir", {}),
                                                                  ("app/main", "file", {"data": b"v1"})])))
     st.join("s", "img", "c1")
-    return st
+    yield st
+    st.ds.close()
+
+
+def host_path(st, path):
+    return os.path.join(st.root, path)
 
 
 def disk_sum(st, container_id):
-    with open(st.ds.local_path(f"{container_id}/{container_id}.vmdk"), "rb") as f:
+    with open(host_path(st, f"{container_id}/{container_id}.vmdk"), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
 
@@ -73,23 +79,23 @@ def test_failed_import_changes_nothing(st):
     with pytest.raises(InvalidInput):
         st.container_import("c1", io.BytesIO(bad))
     assert disk_sum(st, "c1") == before
-    assert not os.path.exists(st.ds.local_path("c1/c1.vmdk.import-backup"))
+    assert not os.path.exists(host_path(st, "c1/c1.vmdk.import-backup"))
     with pytest.raises(NotFound):
         st.container_tree("c1").resolve("/second")
 
 
 def test_sealed_images_refuse_imports(st):
-    before = hashlib.sha256(open(st.ds.local_path("VIC/s/images/img/img.vmdk"), "rb").read()).hexdigest()
+    before = hashlib.sha256(open(host_path(st, "VIC/s/images/img/img.vmdk"), "rb").read()).hexdigest()
     with pytest.raises(ReadOnly, match="img in store s is sealed"):
         st.container_import("img", io.BytesIO(make_tar([("x", "file", {"data": b"x"})])))
-    after = hashlib.sha256(open(st.ds.local_path("VIC/s/images/img/img.vmdk"), "rb").read()).hexdigest()
+    after = hashlib.sha256(open(host_path(st, "VIC/s/images/img/img.vmdk"), "rb").read()).hexdigest()
     assert before == after
     with pytest.raises(NotFound):
         st.container_import("nosuch", io.BytesIO(b""))
 
 
-def test_container_cli(tmp_path):
-    ds = str(tmp_path / "ds")
+def test_container_cli(tmp_path, backend):
+    ds = backend.spec
 
     def cli(*args, input=None):
         proc = subprocess.run([sys.executable, "-m", "imagefs", "--datastore", ds, *args], input=input,

@@ -17,13 +17,20 @@ SMALL = "256MiB"
 
 
 @pytest.fixture
-def ds_root(tmp_path):
-    return str(tmp_path / "ds")
+def ds_root(backend):
+    return backend.root
 
 
 @pytest.fixture
-def st(ds_root):
-    return ImageStore(open_datastore(ds_root))
+def ds_spec(backend):
+    return backend.spec
+
+
+@pytest.fixture
+def st(ds_spec):
+    st = ImageStore(open_datastore(ds_spec))
+    yield st
+    st.ds.close()
 
 
 @pytest.fixture
@@ -109,7 +116,7 @@ def test_delete_store_refused_while_it_holds_images(st, store):
 
 
 # --- images -----------------------------------------------------------------------------------
-def test_create_image_layers(st, store):
+def test_create_image_layers(st, store, ds_root):
     """VIC TestCreateImageLayers: 4 chained layers with metadata and sums."""
     with pytest.raises(NotFound):
         st.get_image(store, "garbage")
@@ -139,7 +146,7 @@ def test_create_image_layers(st, store):
     st.delete_image(store, "layer4")
     with pytest.raises(NotFound):
         st.get_image(store, "layer4")
-    assert not os.path.exists(st.ds.local_path("VIC/s/images/layer4"))
+    assert not os.path.exists(os.path.join(ds_root, "VIC/s/images/layer4"))
 
 
 def test_broken_pull_then_retry(st, store):
@@ -179,22 +186,22 @@ def test_existing_id_is_an_error(st, store):
     assert st.tree(store, "x").resolve("/dir1/file0.txt")
 
 
-def test_in_progress_cleanup(st, store, ds_root):
+def test_in_progress_cleanup(st, store, ds_root, ds_spec):
     """VIC TestInProgressCleanup: an image without manifest is removed when the store is opened."""
     write(st, store, "scratch", "half", layer_tar(1))
     os.unlink(os.path.join(ds_root, "VIC/s/images/half/manifest"))
     with pytest.raises(NotFound):
         st.get_image(store, "half")
-    fresh = ImageStore(open_datastore(ds_root))
+    fresh = ImageStore(open_datastore(ds_spec))
     fresh.get_store(store)
     assert [i.id for i in fresh.list_images(store)] == ["scratch"]
     assert not os.path.exists(os.path.join(ds_root, "VIC/s/images/half"))
     write(fresh, store, "scratch", "half", layer_tar(1))   # the ID is free again
 
 
-def test_cleanup_never_removes_scratch(st, store, ds_root):
+def test_cleanup_never_removes_scratch(st, store, ds_root, ds_spec):
     os.unlink(os.path.join(ds_root, "VIC/s/images/scratch/manifest"))
-    fresh = ImageStore(open_datastore(ds_root))
+    fresh = ImageStore(open_datastore(ds_spec))
     fresh.get_store(store)
     assert os.path.exists(os.path.join(ds_root, "VIC/s/images/scratch/scratch.vmdk"))
 
@@ -248,8 +255,10 @@ def test_usage_and_url(st, store):
     write(st, store, "scratch", "scratch2", layer_tar(2))              # only scratch itself is left out
     write(st, store, "scratch2", "scratchpad", layer_tar(3))
     assert st.usage(store) == ua + ub + st.layer_usage(store, "scratch2") + st.layer_usage(store, "scratchpad")
-    assert st.url(store, "a") == "ds://%5Blocal%5D%20VIC/s/images/a/a.vmdk"
-    assert st.datastore_path(store, "a") == "[local] VIC/s/images/a/a.vmdk"
+    prefix = "[local] " if st.ds.name == "local" else f"[LocalDS_0] {st.ds.location.path}/"
+    assert st.datastore_path(store, "a") == f"{prefix}VIC/s/images/a/a.vmdk"
+    from urllib.parse import quote
+    assert st.url(store, "a") == "ds://" + quote(f"{prefix}VIC/s/images/a/a.vmdk", safe="/")
 
 
 def test_join_owners_and_in_use(st, store, ds_root):
@@ -277,32 +286,32 @@ def test_container_tree_reads_through_the_image(st, store):
 
 
 # --- corrupt disks --------------------------------------------------------------------------------
-def test_modified_parent_breaks_the_chain(st, store, ds_root):
+def test_modified_parent_breaks_the_chain(st, store, ds_root, ds_spec):
     write(st, store, "scratch", "a", layer_tar(1))
     write(st, store, "a", "b", layer_tar(2))
     parent = os.path.join(ds_root, "VIC/s/images/a/a.vmdk")
     # writing to the parent makes qemu give it a new CID: b no longer matches it
     run(["qemu-io", "-f", "vmdk", "-c", "write -P 0x55 0 512", parent])
-    fresh = ImageStore(open_datastore(ds_root))
+    fresh = ImageStore(open_datastore(ds_spec))
     with pytest.raises(CorruptDisk, match=r"VIC/s/images/b/b\.vmdk: parentCID .* does not match"):
         fresh.tree(store, "b")
 
 
-def test_garbage_disk_is_corrupt_not_a_crash(st, store, ds_root):
+def test_garbage_disk_is_corrupt_not_a_crash(st, store, ds_root, ds_spec):
     write(st, store, "scratch", "a", layer_tar(1))
     disk = os.path.join(ds_root, "VIC/s/images/a/a.vmdk")
     with open(disk, "r+b") as f:
         f.write(b"garbage!" * 64)
     with pytest.raises(CorruptDisk, match="a.vmdk"):
-        ImageStore(open_datastore(ds_root)).tree(store, "a")
+        ImageStore(open_datastore(ds_spec)).tree(store, "a")
 
 
-def test_missing_parent_disk_is_corrupt(st, store, ds_root):
+def test_missing_parent_disk_is_corrupt(st, store, ds_root, ds_spec):
     write(st, store, "scratch", "a", layer_tar(1))
     write(st, store, "a", "b", layer_tar(2))
     os.rename(os.path.join(ds_root, "VIC/s/images/a/a.vmdk"), os.path.join(ds_root, "VIC/s/images/a/x.vmdk"))
     with pytest.raises(CorruptDisk, match="missing"):
-        ImageStore(open_datastore(ds_root)).tree(store, "b")
+        ImageStore(open_datastore(ds_spec)).tree(store, "b")
 
 
 # --- the read API against the kernel's reading of the same chain ------------------------------------
@@ -320,7 +329,7 @@ def test_read_api_matches_kernel(st, store, ds_root):
     ]
     write(st, store, "scratch", "a", make_tar(entries))
     tree = st.tree(store, "a")
-    with flattened_mount(st.ds.local_path("VIC/s/images/a/a.vmdk")) as mnt:
+    with flattened_mount(os.path.join(ds_root, "VIC/s/images/a/a.vmdk")) as mnt:
         for path, s in tree.walk():
             k = os.lstat(mnt + path.decode())
             assert (s.ino, s.mode, s.uid, s.gid, s.nlink, s.rdev) == \
@@ -358,11 +367,11 @@ def test_written_layers_pass_fsck_and_qemu_check(st, store, ds_root):
     assert subprocess.run(["e2fsck", "-fn", raw], capture_output=True).returncode == 0
 
 
-def test_tree_cache_follows_a_recreated_image(st, store, ds_root):
+def test_tree_cache_follows_a_recreated_image(st, store, ds_root, ds_spec):
     """Another process deletes an image and writes a new one under the same ID."""
     write(st, store, "scratch", "x", layer_tar(1))
     assert st.tree(store, "x").resolve("/dir1")
-    other = ImageStore(open_datastore(ds_root))
+    other = ImageStore(open_datastore(ds_spec))
     other.delete_image(store, "x")
     write(other, store, "scratch", "x", layer_tar(2))
     tree = st.tree(store, "x")

@@ -1,8 +1,20 @@
-"""The embedded default backend: a directory on this host."""
+"""The embedded default backend: a directory on this host.
+
+Host files are the datastore's own files (no staging), the lock is flock(2) on a lock
+file (it holds for every process of this host; a directory shared with other hosts
+over a network filesystem needs that filesystem's flock), and ``walk`` is one scandir pass.
+
+Everything that changes the datastore (make, write, replace, remove, lock) refuses
+a path with a symbolic link anywhere below the root: a datastore where someone
+replaced ``images/<id>`` or ``.lock`` by a link must not make imagefs delete or
+create files elsewhere. Paths never leave the root ('..' cannot climb out).
+"""
 import errno
 import fcntl
+import fnmatch
 import os
 import shutil
+import stat
 from contextlib import contextmanager
 
 from ..errors import Exists, ImageFSError, NotFound
@@ -27,6 +39,8 @@ class LocalReadHandle(ReadHandle):
 
 
 class LocalDatastore(Datastore):
+    name = "local"
+
     def __init__(self, root):
         self.root = os.path.abspath(root)
         self.url = self.root
@@ -35,11 +49,95 @@ class LocalDatastore(Datastore):
         except OSError as e:
             raise ImageFSError(f"{self.root}: cannot use as a datastore: {e.strerror}") from None
 
+    @classmethod
+    def open(cls, spec, options):
+        """From a path or file:// URL; the remote backends' options mean nothing here."""
+        return cls(spec[len("file://"):] if spec.startswith("file://") else spec)
+
     def local_path(self, path):
-        return os.path.join(self.root, path.lstrip("/"))
+        rel = os.path.normpath(path.lstrip("/"))
+        if rel == ".." or rel.startswith("../"):
+            raise ImageFSError(f"{path}: lies outside the datastore")
+        return os.path.join(self.root, rel) if rel != "." else self.root
+
+    def _unlinked_path(self, path):
+        """local_path, after checking that no component below the root is a symbolic link."""
+        p = self.local_path(path)
+        here = self.root
+        for part in os.path.relpath(p, self.root).split(os.sep):
+            if part == ".":
+                continue
+            here = os.path.join(here, part)
+            try:
+                if stat.S_ISLNK(os.lstat(here).st_mode):
+                    raise ImageFSError(f"{path}: {os.path.relpath(here, self.root)} in the datastore is a "
+                                       "symbolic link; imagefs does not follow links when changing it")
+            except FileNotFoundError:
+                break
+        return p
+
+    @contextmanager
+    def host_files(self, paths):
+        hosts = [self.local_path(p) for p in paths]
+        for path, host in zip(paths, hosts):
+            if not os.path.isfile(host):
+                raise NotFound(f"{path}: no such file")
+        yield hosts
+
+    @contextmanager
+    def new_host_dir(self, path):
+        host = self.local_path(path)
+        if not os.path.isdir(host):
+            raise NotFound(f"{path}: no such directory")
+        yield host
+
+    @contextmanager
+    def edit_host_file(self, path):
+        """In place, with a copy beside it to put back on failure."""
+        host = self.local_path(path)
+        backup = f"{host}.edit-backup"
+        try:
+            shutil.copyfile(host, backup)
+        except FileNotFoundError:
+            raise NotFound(f"{path}: no such file") from None
+        try:
+            yield host
+        except BaseException:
+            os.replace(backup, host)
+            raise
+        os.unlink(backup)
+
+    def walk(self, path, pattern="*"):
+        top = self.local_path(path)
+        if not os.path.isdir(top):
+            raise NotFound(f"{path}: no such directory")
+        out, todo = {}, [""]
+        while todo:
+            rel = todo.pop()
+            try:
+                entries = list(os.scandir(os.path.join(top, rel)))
+            except FileNotFoundError:
+                continue        # removed while walked
+            for e in entries:
+                name = os.path.join(rel, e.name) if rel else e.name
+                try:
+                    is_dir = e.is_dir(follow_symlinks=False)
+                    if is_dir:
+                        todo.append(name)
+                    if pattern != "*" and not fnmatch.fnmatchcase(e.name, pattern):
+                        continue
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                out[name] = FileInfo(0 if is_dir else st.st_size, st.st_mtime_ns, is_dir)
+        return out
+
+    def is_link(self, path):
+        """Is ``path`` a symbolic link (which imagefs never follows when changing the datastore)?"""
+        return os.path.islink(self.local_path(path))
 
     def mkdir(self, path, parents=False):
-        p = self.local_path(path)
+        p = self._unlinked_path(path)
         try:
             if parents:
                 os.makedirs(p, exist_ok=True)
@@ -55,29 +153,6 @@ class LocalDatastore(Datastore):
             return sorted(os.listdir(self.local_path(path)))
         except FileNotFoundError:
             raise NotFound(f"{path}: no such directory") from None
-
-    def walk(self, path):
-        top = self.local_path(path)
-        if not os.path.isdir(top):
-            raise NotFound(f"{path}: no such directory")
-        out, todo = {}, [""]
-        while todo:
-            rel = todo.pop()
-            try:
-                entries = list(os.scandir(os.path.join(top, rel)))
-            except FileNotFoundError:
-                continue        # removed while walked
-            for e in entries:
-                name = os.path.join(rel, e.name) if rel else e.name
-                try:
-                    if e.is_dir(follow_symlinks=False):
-                        todo.append(name)
-                    else:
-                        st = e.stat(follow_symlinks=False)
-                        out[name] = FileInfo(st.st_size, st.st_mtime_ns)
-                except FileNotFoundError:
-                    continue
-        return out
 
     def is_dir(self, path):
         return os.path.isdir(self.local_path(path))
@@ -99,7 +174,7 @@ class LocalDatastore(Datastore):
             raise NotFound(f"{path}: no such file") from None
 
     def write_file(self, path, data):
-        p = self.local_path(path)
+        p = self._unlinked_path(path)
         tmp = f"{p}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -121,30 +196,36 @@ class LocalDatastore(Datastore):
 
     def remove(self, path, missing_ok=True):
         try:
-            os.unlink(self.local_path(path))
+            os.unlink(self._unlinked_path(path))
         except FileNotFoundError:
             if not missing_ok:
                 raise NotFound(f"{path}: no such file") from None
 
     def copy_file(self, src, dst):
-        shutil.copyfile(self.local_path(src), self.local_path(dst))
+        try:
+            shutil.copyfile(self.local_path(src), self._unlinked_path(dst))
+        except FileNotFoundError:
+            raise NotFound(f"{src}: no such file") from None
 
     def replace(self, src, dst):
-        os.replace(self.local_path(src), self.local_path(dst))
+        try:
+            os.replace(self._unlinked_path(src), self._unlinked_path(dst))
+        except FileNotFoundError:
+            raise NotFound(f"{src}: no such file") from None
 
     def rmtree(self, path, missing_ok=True):
-        p = self.local_path(path)
+        p = self._unlinked_path(path)
         if not os.path.lexists(p):
             if missing_ok:
                 return
             raise NotFound(f"{path}: no such directory")
         shutil.rmtree(p)
 
-    def open_read(self, path):
+    def open_read(self, path, known=None):
         try:
             return LocalReadHandle(self.local_path(path))
         except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT, "no such file", path) from None
+            raise NotFound(f"{path}: no such file") from None
 
     def statfs(self):
         st = os.statvfs(self.root)
@@ -153,7 +234,12 @@ class LocalDatastore(Datastore):
     @contextmanager
     def lock(self, path, exclusive=True, blocking=True):
         """flock on a lock file; yields False if non-blocking and someone else holds it."""
-        fd = os.open(self.local_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(self._unlinked_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise ImageFSError(f"{path}: is a symbolic link; imagefs does not follow links when locking") from None
         try:
             flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB)
             try:
@@ -164,3 +250,4 @@ class LocalDatastore(Datastore):
             yield True
         finally:
             os.close(fd)
+

@@ -74,7 +74,7 @@ import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
 
-from ..errors import InvalidInput, NotFound
+from ..errors import CorruptDisk, InvalidInput, NotFound
 from ..tree import ROOT_INO
 from . import touched as touched_mod
 from ..ext4 import file_content, generation_of
@@ -125,6 +125,7 @@ class _Differ:
         self.prune = None
         self.same_chain = False
         self.todo = []                          # (method, args) still to run
+        self.dirs_seen = {ROOT_INO}             # directories of new queued so far
         if old is None:
             return
         self.geo_new, self.geo_old = new.geo, old.geo
@@ -150,15 +151,24 @@ class _Differ:
         return sorted(self.changes.values(), key=lambda c: c.path.split(b"/"))
 
     # --- walking -------------------------------------------------------------------
+    def _descend(self, method, q, n, o):
+        """Queue the directory ``n`` of new at ``q``; a directory reached twice is a loop
+        (or a hard-linked directory) of a corrupt filesystem, which would never end."""
+        if n in self.dirs_seen:
+            raise CorruptDisk(f"{self.new.name}: directory inode {n} is reached twice (at {q!r})")
+        self.dirs_seen.add(n)
+        self.todo.append((method, q, n, o))
+
     def _listing(self, ino):
-        return self.prune.listings[ino] if self.prune is not None else self.new.readdir(ino)
+        listing = self.prune.listings.get(ino) if self.prune is not None else None
+        return listing if listing is not None else self.new.readdir(ino)   # (a corrupt tree may hide one)
 
     def _walk(self, path, n_dir, o_dir):
         """Compare the entries of directory ``n_dir`` (new) and ``o_dir`` (old) at ``path``."""
         prune = self.prune
         if prune is not None and n_dir == o_dir and n_dir not in prune.touched:
             # same listing on both sides (docstring, 2): visit only what leads to touched inodes
-            for name, child in prune.listings[n_dir]:
+            for name, child in self._listing(n_dir):
                 if child in prune.touched or child in prune.needed:
                     self._pair(path + b"/" + name, child, child)
             return
@@ -179,21 +189,21 @@ class _Differ:
         prune = self.prune
         if prune is not None and n == o and n not in prune.touched:
             if n in prune.needed:
-                self.todo.append((self._walk, q, n, o))
+                self._descend(self._walk, q, n, o)
             return
         nst, ost = self.new.stat(n), self.old.stat(o)
         self._note_link(q, n, nst)
         if nst.is_dir and ost.is_dir and self._recreated(n, o):
             self.changes[q] = Change(q, "C", n, opaque=bool(self.old.readdir(o)))
-            self.todo.append((self._emit_children, q, n, o))
+            self._descend(self._emit_children, q, n, o)
             return
         if self._changed(n, nst, o, ost):
             self.changes[q] = Change(q, "C", n)
         if nst.is_dir:
             if ost.is_dir:
-                self.todo.append((self._walk, q, n, o))
+                self._descend(self._walk, q, n, o)
             else:
-                self.todo.append((self._emit_children, q, n, None))
+                self._descend(self._emit_children, q, n, None)
 
     def _emit_subtree(self, q, n, o):
         """Emit ``q`` and everything below it: "C" where old has the path, else "A"."""
@@ -201,7 +211,7 @@ class _Differ:
         self._note_link(q, n, st)
         self.changes[q] = Change(q, "A" if o is None else "C", n)
         if st.is_dir:
-            self.todo.append((self._emit_children, q, n, o if o is not None and self.old.stat(o).is_dir else None))
+            self._descend(self._emit_children, q, n, o if o is not None and self.old.stat(o).is_dir else None)
 
     def _emit_children(self, q, n, o):
         old_entries = dict(self.old.readdir(o)) if o is not None else {}

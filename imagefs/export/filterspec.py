@@ -26,7 +26,8 @@ are kept, with these deliberate differences:
 * ``create_filter_spec`` refuses a second rebase or strip path whatever the order
   (VIC checked "already non-empty", so a first '' path slipped through), and
   strip or rebase paths with '..' are refused: they would name paths outside the
-  root.
+  root. So is any path holding a NUL or another control character (``..%00``
+  passed the '..' test, and tar readers cut names at the NUL).
 
 ``parse_filter_text`` reads the compact form used in CLI flags and FUSE file
 names: ``include=PATH,exclude=PATH,rebase=PATH,strip=PATH`` (any order, include
@@ -85,6 +86,12 @@ class FilterSpec:
     strip: str = ""
 
     def __post_init__(self):
+        for what, values in (("include", self.inclusions), ("exclude", self.exclusions),
+                             ("rebase", [self.rebase]), ("strip", [self.strip])):
+            for value in values:
+                if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+                    raise InvalidInput(f"invalid filter specification: {what} path {value!r} "
+                                       "holds a control character")
         for what, value in (("rebase", self.rebase), ("strip", self.strip)):
             if ".." in value.split("/"):
                 raise InvalidInput(f"invalid filter specification: {what} path {value!r} contains '..'")

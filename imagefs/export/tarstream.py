@@ -19,10 +19,20 @@ A FilterSpec decides on the path as it is in the image (before strip/rebase; for
 a deletion, the deleted path) and renames entries, link targets of hardlinks and
 whiteouts alike. An entry whose new name is the root is written as ``./`` when it
 is a directory and left out otherwise.
+
+No name may escape on extraction: every name is checked (no empty, '.' or '..'
+component, no NUL, never absolute), and when a strip path can make two paths
+collide, the export fails rather than write a name twice or a name below one
+that was written as a non-directory (``x -> /abs`` then ``x/pwned``). An xattr
+name that is not UTF-8 cannot be a ``SCHILY.xattr`` keyword; it travels as
+libarchive's ``LIBARCHIVE.xattr.<%-encoded name>=<base64 value>``, which our
+importer and bsdtar read (GNU tar skips it with a warning).
 """
+import base64
 import os
 import stat as statmod
 import tarfile
+import urllib.parse
 
 from ..errors import InvalidInput
 from .. import ext4
@@ -59,6 +69,7 @@ class _Writer:
         self.whiteout_mtime = int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0)
         self.first_name = {}        # inode -> name of its first exported entry (hardlink target)
         self.size = 0               # bytes produced so far
+        self.names = _Collisions() if spec.strip.strip("/.") else None  # only a strip can collide
 
     def entry(self, change):
         """The header (and body) pieces for one change."""
@@ -85,7 +96,7 @@ class _Writer:
         if frac:
             info.pax_headers["mtime"] = _pax_time(st.mtime_ns)
         for key, value in sorted(self.xattrs(change.ino).items()):
-            info.pax_headers["SCHILY.xattr." + _xattr_name(key, path)] = value.decode("utf-8", "surrogateescape")
+            info.pax_headers.update(_xattr_record(key, value))
         if not self.data:
             info.pax_headers["SCHILY.xattr.change_type"] = change.kind
         body = None
@@ -123,6 +134,9 @@ class _Writer:
         return self._header(info)
 
     def _header(self, info):
+        _check_name(info.name)
+        if self.names is not None:
+            self.names.add(info.name.rstrip("/"), info.isdir())
         buf = info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape")
         self.size += len(buf)
         return buf
@@ -147,8 +161,39 @@ def _pax_time(ns):
     return f"{sign}{sec}.{frac:09d}".rstrip("0")
 
 
-def _xattr_name(key, path):
+def _xattr_record(key, value):
+    """The PAX record of one xattr: SCHILY.xattr when the name is UTF-8, else LIBARCHIVE.xattr."""
     try:
-        return key.decode("utf-8")
+        return {"SCHILY.xattr." + key.decode("utf-8"): value.decode("utf-8", "surrogateescape")}
     except UnicodeDecodeError:
-        raise InvalidInput(f"{path}: xattr name {key!r} is not UTF-8 and cannot go in a PAX header") from None
+        return {"LIBARCHIVE.xattr." + urllib.parse.quote(key, safe=""): base64.b64encode(value).decode("ascii")}
+
+
+def _check_name(name):
+    """A tar name that extraction would put outside the target directory is a bug or an attack."""
+    if name in (".", "./"):
+        return          # the root
+    parts = name.rstrip("/").split("/")
+    if "\0" in name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise InvalidInput(f"export refuses the entry name {name!r}: it would not stay inside on extraction")
+
+
+class _Collisions:
+    """Names written so far, when a strip path may make two paths one."""
+
+    def __init__(self):
+        self.kind = {}          # name -> True for a directory
+        self.parents = set()    # every proper prefix of a written name
+
+    def add(self, name, is_dir):
+        if name in self.kind:
+            raise InvalidInput(f"export: the strip path makes two entries {name!r}")
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            if self.kind.get(prefix) is False:
+                raise InvalidInput(f"export: the strip path puts {name!r} below the non-directory {prefix!r}")
+            self.parents.add(prefix)
+        if not is_dir and name in self.parents:
+            raise InvalidInput(f"export: the strip path makes {name!r} a non-directory with entries below it")
+        self.kind[name] = is_dir

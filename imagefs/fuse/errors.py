@@ -35,3 +35,8 @@ class Unseekable(InvalidInput):
 class Canceled(ImageFSError):
     """An import or export cut short because the mount is going away."""
     errno = errno.ECANCELED
+
+
+class TooManyOpen(ImageFSError):
+    """A limit on open exports was reached."""
+    errno = errno.EMFILE

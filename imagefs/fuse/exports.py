@@ -3,21 +3,27 @@
 ``export_diff`` runs in a worker thread and hands chunks to the reader through a
 small bounded channel (the thread waits while the reader is behind), so memory
 stays at a few MiB whatever the layer's size. Reads go front to back; the last
-``WINDOW`` bytes stay available for the short backward seeks of format probes
-(Python's tarfile, file(1)); further back is an error (ESPIPE), never wrong data.
+``WINDOW`` bytes before the read position stay available for the short backward
+seeks of format probes (Python's tarfile, file(1)); further back is an error
+(ESPIPE), never wrong data. A read far ahead makes the stream up to there but
+keeps only that window of what it skipped (a 1-byte pread at 1 TiB costs time,
+not memory).
+
+Each open export costs a worker thread and those few MiB, so ``ExportLimits``
+bounds how many can be open at once, per mount and per user (EMFILE beyond).
 """
 import logging
 
 import trio
 
 from ..errors import CorruptDisk
-from .errors import Canceled, Unseekable
+from .errors import Canceled, TooManyOpen, Unseekable
 
 log = logging.getLogger("imagefs.fuse.exports")
 
 WINDOW = 1 << 20
 CHUNK = 1 << 20        # what the producer batches before waking the reader
-QUEUE = 4              # chunks in flight
+QUEUE = 2              # chunks in flight
 
 
 class ExportStream:
@@ -49,14 +55,20 @@ class ExportStream:
                     self._eof = True
                 except trio.ClosedResourceError:
                     raise Canceled(f"{self.name}: export stopped: imagefs is unmounting") from None
+                self._forget_before(off - WINDOW)     # what a skip passes over is not kept
             if self._error is not None and self._base + len(self._data) <= off:
                 raise CorruptDisk(f"{self.name}: export failed: {self._error}")
-            out = bytes(self._data[off - self._base: end - self._base])
-            behind = off + len(out) - WINDOW - self._base
-            if behind > 0:
-                del self._data[:behind]
-                self._base += behind
+            start = max(0, off - self._base)
+            out = bytes(self._data[start: max(start, end - self._base)])
+            self._forget_before(off + len(out) - WINDOW)
             return out
+
+    def _forget_before(self, pos):
+        """Drop the bytes before stream offset ``pos`` (``_base + len(_data)`` stays what was made)."""
+        n = min(pos - self._base, len(self._data))
+        if n > 0:
+            del self._data[:n]
+            self._base += n
 
     def close(self):
         """The reader is gone: the producer stops at its next chunk."""
@@ -86,3 +98,29 @@ class ExportStream:
             if chunks is not None and hasattr(chunks, "close"):
                 chunks.close()
             trio.from_thread.run_sync(self._send.close)
+
+
+class ExportLimits:
+    """How many exports may be open at once: in the whole mount and per user (uid)."""
+
+    def __init__(self, per_mount=32, per_user=8):
+        self.per_mount, self.per_user = per_mount, per_user
+        self._by_uid = {}
+
+    @property
+    def open(self):
+        return sum(self._by_uid.values())
+
+    def acquire(self, uid):
+        if self.open >= self.per_mount:
+            raise TooManyOpen(f"{self.per_mount} exports are open in this mount (max_exports)")
+        if self._by_uid.get(uid, 0) >= self.per_user:
+            raise TooManyOpen(f"uid {uid} has {self.per_user} exports open (max_exports_per_user)")
+        self._by_uid[uid] = self._by_uid.get(uid, 0) + 1
+
+    def release(self, uid):
+        left = self._by_uid.get(uid, 0) - 1
+        if left > 0:
+            self._by_uid[uid] = left
+        else:
+            self._by_uid.pop(uid, None)

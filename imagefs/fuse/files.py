@@ -7,7 +7,7 @@ how the kernel may cache it (``direct_io``, ``keep_cache``); import handles
 import itertools
 
 from ..errors import ReadOnly
-from .exports import ExportStream
+from .exports import ExportLimits, ExportStream
 
 
 class HandleTable:
@@ -105,16 +105,26 @@ class ExportFileHandle(Handle):
 
 
 class Exports:
-    """The export streams of the mount: produced in its nursery, stopped when it goes."""
+    """The export streams of the mount: produced in its nursery, stopped when it goes, and
+    bounded in number per mount and per user (``ExportLimits``)."""
 
-    def __init__(self):
+    def __init__(self, limits=None):
         self.nursery = None         # set when the mount starts serving
+        self.limits = limits or ExportLimits()
         self._streams = set()
 
-    def open(self, make_chunks, name):
+    def open(self, make_chunks, name, uid=0, on_close=None):
+        """A handle on a new stream; ``on_close()`` runs when it is released."""
+        self.limits.acquire(uid)
         stream = ExportStream(make_chunks, self.nursery, name)
         self._streams.add(stream)
-        return ExportFileHandle(stream, self._streams.discard)
+
+        def closed(stream):
+            self._streams.discard(stream)
+            self.limits.release(uid)
+            if on_close is not None:
+                on_close()
+        return ExportFileHandle(stream, closed)
 
     def close_all(self):
         for stream in list(self._streams):

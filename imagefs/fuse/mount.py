@@ -22,6 +22,7 @@ import trio
 from ..datastore import open_datastore
 from ..errors import Exists, ImageFSError, InvalidInput, NotFound
 from ..store import ImageStore
+from .exports import ExportLimits
 from .imports import ImportHandle, ImportRegistry
 from .namespace import Namespace
 from .nodes import SHORT
@@ -39,9 +40,14 @@ def mount(datastore: str, mountpoint: str, *, foreground=False, options=()) -> i
     """Mount ``datastore`` on ``mountpoint``; the exit code (0 once the mount is ready)."""
     try:
         opts = parse_options(options)
+        if "://" not in datastore:
+            datastore = os.path.abspath(datastore)     # the background daemon runs in /
         mountpoint = _check_mountpoint(mountpoint)
         if opts.workdir and _is_inside(os.path.abspath(opts.workdir), mountpoint):
             raise InvalidInput("workdir must not be inside the mountpoint")
+        if opts.datastore.get("cache_dir") and _is_inside(os.path.abspath(opts.datastore["cache_dir"]), mountpoint):
+            raise InvalidInput("cache_dir must not be inside the mountpoint")
+        _ask_password_now(datastore, opts)
         if "://" not in datastore:
             if not os.path.isdir(datastore):
                 raise NotFound(f"datastore {datastore} does not exist")
@@ -55,6 +61,8 @@ def mount(datastore: str, mountpoint: str, *, foreground=False, options=()) -> i
     except ImageFSError as e:
         print(f"imagefs: {e}", file=sys.stderr)
         return 1
+    for warning in opts.warnings:
+        print(f"imagefs: warning: {warning}", file=sys.stderr)
     if foreground or opts.debug:
         return _run(datastore, mountpoint, opts, ready=None)
     return _run_in_background(datastore, mountpoint, opts)
@@ -91,12 +99,13 @@ def _run(datastore, mountpoint, opts, ready):
     _setup_logging(opts, background=ready is not None)
     try:
         # the catalogue of a store's images lives as long as the kernel keeps their names (SHORT)
-        store = ImageStore(open_datastore(datastore), writer_method=opts.writer, workdir=opts.workdir,
-                           catalogue_ttl=SHORT)
+        store = ImageStore(open_datastore(datastore, opts.datastore), writer_method=opts.writer,
+                           workdir=opts.workdir, catalogue_ttl=SHORT)
         store.recover()                               # what killed writers left: before serving
         imports = ImportRegistry(store)
         ns = Namespace(store, imports, scratch_capacity=opts.scratch_capacity, pid=os.getpid(),
-                       uid=os.getuid(), gid=os.getgid())
+                       uid=os.getuid(), gid=os.getgid(), admin_gid=opts.admin_gid,
+                       export_limits=ExportLimits(opts.max_exports, opts.max_exports_per_user))
         ops = Operations(ns, imports)
         try:
             pyfuse3.init(ops, mountpoint, opts.fuse)
@@ -106,10 +115,13 @@ def _run(datastore, mountpoint, opts, ready):
         print(f"imagefs: {e}", file=sys.stderr)
         return 1
     log.info("mounted %s on %s (%s)", datastore, mountpoint, ",".join(sorted(opts.fuse)))
+    for warning in opts.warnings:
+        log.warning("%s", warning)
     try:
         trio.run(_serve, ops, mountpoint, ready)
     finally:
         pyfuse3.close(unmount=True)
+        store.ds.close()          # the daemon leaves with os._exit: no atexit hooks run
     log.info("unmounted %s", mountpoint)
     return 0
 
@@ -229,6 +241,16 @@ def _widen_readahead(dev):
 
 
 # --- helpers ---------------------------------------------------------------------------------
+def _ask_password_now(datastore, opts):
+    """A daemon has no terminal: a vSphere password to prompt for is asked before it starts
+    (kept in memory, handed over by fork, never on a command line)."""
+    if not str(datastore).startswith("vsphere://") or os.environ.get("IMAGEFS_VSPHERE_PASSWORD") \
+            or opts.datastore.get("password_file"):
+        return
+    from ..datastore.vsphere.url import parse_url, read_password
+    opts.datastore["password"] = read_password(parse_url(datastore), opts.datastore)
+
+
 def _check_mountpoint(mountpoint):
     mp = os.path.abspath(mountpoint)
     if not os.path.isdir(mp):

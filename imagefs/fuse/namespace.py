@@ -14,34 +14,50 @@ trees and the cache behind them.
   store's catalogue answers for it (short-lived, see store.py), and the kernel keeps
   those names for at most SHORT.
 
+Who may do what (docs/mount.md, "Who may read and change what"): the synthetic
+nodes belong to the mount's owner; the ones that accept changes are writable by
+the owner alone, or also by the mount's ``admin_group``. Files whose bytes bypass
+the modes inside an image (exports, meta/, info.json, .error reports) are 0440
+(nodes.py): owner and group only. The kernel enforces it (``default_permissions``).
+
+Export names with options (any name makes a node) are forgotten when the kernel
+forgets them, and the kernel is asked to drop the oldest beyond OPTION_EXPORTS_KEPT.
+
 Plain synchronous code, safe to call from worker threads.
 """
 import stat as S
 import threading
 import time
+from collections import OrderedDict
 
 from ..cache import Cache
-from ..errors import InvalidInput, NotFound
+from ..errors import ImageFSError, InUse, InvalidInput, NotFound
 from ..ext4 import Stat
+from ..ids import SCRATCH
 from .files import Exports
 from .inodes import MAX_SYNTHETIC, ROOT_INO, is_tree_ino, split_tree_ino
-from .nodes import Entry, ImageRef, Root, TreeNode
+from .nodes import Entry, ExportFile, ImageRef, Root, TreeNode
 from .prefetch import Prefetcher
 
 CACHE_BUDGET = 64 << 20
+OPTION_EXPORTS_KEPT = 1024
 
 
 class Namespace:
-    def __init__(self, store, imports, *, scratch_capacity, pid, uid, gid, cache_budget=CACHE_BUDGET):
+    def __init__(self, store, imports, *, scratch_capacity, pid, uid, gid, cache_budget=CACHE_BUDGET,
+                 admin_gid=None, export_limits=None):
         self.store = store
         self.imports = imports
-        self.exports = Exports()
+        self.exports = Exports(export_limits)
         self.prefetcher = Prefetcher()
         self.cache = Cache(cache_budget)
         self.scratch_capacity = scratch_capacity
         self.pid = pid
-        self.force_delete = set()     # stores whose next rmdir deletes their images too
-        self._uid, self._gid = uid, gid
+        self.force_delete = {}        # store -> incarnation whose next rmdir deletes its images too
+        self._uid, self._gid = uid, (gid if admin_gid is None else admin_gid)
+        self._group_writes = admin_gid is not None
+        self._option_exports = OrderedDict()   # ino -> (export dir ino, name): forgettable, oldest first
+        self._lookups = {}            # ino -> the kernel's lookup count, for forgettable nodes
         self._time_ns = time.time_ns()
         self._lock = threading.Lock()
         self._nodes = {ROOT_INO: Root(None)}
@@ -124,6 +140,67 @@ class Namespace:
         for ref in refs:
             self.forget_image(ref)
 
+    # --- export names with options: any name makes a node, so they must go again ------
+    def note_lookup(self, parent_ino, name, ino):
+        """Count the kernel's reference to an export node named with options; returns
+        (dir ino, name) entries the kernel should drop so that their nodes can go."""
+        node = self._nodes.get(ino)
+        if not isinstance(node, ExportFile) or not node.has_options:
+            return []
+        with self._lock:
+            self._lookups[ino] = self._lookups.get(ino, 0) + 1
+            self._option_exports[ino] = (parent_ino, name)
+            self._option_exports.move_to_end(ino)
+            excess = len(self._option_exports) - OPTION_EXPORTS_KEPT
+            return [self._option_exports.popitem(last=False)[1] for _ in range(max(0, excess))]
+
+    def forget(self, ino, nlookup):
+        """The kernel dropped ``nlookup`` references to ``ino``: a counted node with none left goes."""
+        with self._lock:
+            left = self._lookups.get(ino)
+            if left is None:
+                return
+            left -= nlookup
+            if left > 0:
+                self._lookups[ino] = left
+                return
+            del self._lookups[ino]
+            self._option_exports.pop(ino, None)
+            node = self._nodes.pop(ino, None)
+            if node is not None:
+                self._inos.pop((type(node), node.key), None)
+
+    # --- stores: force-delete belongs to one incarnation; busy while anything of it is used
+    def store_incarnation(self, store):
+        """What tells this store from a later one of the same name: its scratch disk's CID."""
+        chain = self.store.open_chain(self.store.get_image(store, SCRATCH).disk)
+        try:
+            return chain.layers[0].cid
+        finally:
+            chain.close()
+
+    def force_delete_armed(self, store):
+        armed = self.force_delete.get(store)
+        if armed is None:
+            return False
+        try:
+            if armed == self.store_incarnation(store):
+                return True
+        except ImageFSError:
+            pass
+        self.force_delete.pop(store, None)    # deleted (and maybe made again) behind the mount's back
+        return False
+
+    def check_store_unused(self, store):
+        """InUse while a file of the store is open in the mount or an import into it is pending."""
+        with self._lock:
+            refs = [r for (s, _), r in self._refs.items() if s == store]
+        for ref in refs:
+            if self.open_files(ref.idx):
+                raise InUse(f"image store {store} has files open in the mount (image {ref.id})")
+            if self.imports.sessions(ref.idx):
+                raise InUse(f"image store {store} has imports pending or running (on image {ref.id})")
+
     # --- open files of image trees (rmdir of an image is refused while any is open) ----
     def hold(self, idx):
         with self._lock:
@@ -145,6 +222,8 @@ class Namespace:
 
     def stat(self, node):
         mode = node.mode
+        if self._group_writes and node.writable:
+            mode |= 0o020
         size = node.size(self)
         return Stat(ino=0, mode=mode, nlink=2 if S.S_ISDIR(mode) else 1, uid=self._uid, gid=self._gid, rdev=0,
                     size=size, blocks=(size + 511) // 512, atime_ns=self._time_ns, mtime_ns=self._time_ns,

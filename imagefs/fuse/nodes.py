@@ -72,6 +72,7 @@ class Node:
     cache_listing = False     # may the kernel keep the directory's listing
     inline = False            # answers without the image store: call on the event loop
     settable = False          # accepts setattr (times, modes: ignored; size: truncate)
+    writable = False          # changes go through it: the admin group may write it too
 
     def __init__(self, key):
         self.key = key
@@ -97,8 +98,8 @@ class Node:
     def listdir(self, ns):
         return [(name, ns.entry(child, self.names_ttl)) for name, child in self.list(ns)]
 
-    def open(self, ns, flags):
-        """A handle (files.py) for reading or writing this file."""
+    def open(self, ns, flags, uid=0):
+        """A handle (files.py) for reading or writing this file (``uid``: the caller's)."""
         if self.is_dir:
             raise IsADirectory("is a directory")
         raise InvalidInput("not a file")
@@ -139,8 +140,8 @@ class Node:
 
 
 class ContentFile(Node):
-    """A small read-only file whose bytes are made on open."""
-    mode = S.S_IFREG | 0o444
+    """A small read-only file whose bytes are made on open (owner and admin group only)."""
+    mode = S.S_IFREG | 0o440
 
     def content(self, ns):
         raise NotImplementedError
@@ -148,7 +149,7 @@ class ContentFile(Node):
     def size(self, ns):
         return len(self.content(ns))
 
-    def open(self, ns, flags):
+    def open(self, ns, flags, uid=0):
         if flags & _WRITE_FLAGS:
             raise ReadOnly("read-only")
         # a size that may change must not let the kernel clip reads to a stale one
@@ -185,7 +186,7 @@ class TreeNode:
         base = self.base
         return [(name, Entry(base | st.ino, st, LONG, LONG)) for name, st in self.tree.entries(self.ext4_ino)]
 
-    def open(self, ns, flags):
+    def open(self, ns, flags, uid=0):
         if flags & _WRITE_FLAGS:
             raise ReadOnly("read-only")
         st = self.tree.stat(self.ext4_ino)
@@ -208,6 +209,7 @@ class TreeNode:
 # --- the store level ------------------------------------------------------------------------
 class Root(Node):
     mode = S.S_IFDIR | 0o755
+    writable = True
     attr_ttl = SHORT
     names_ttl = SHORT
 
@@ -227,12 +229,14 @@ class Root(Node):
 
     def rmdir(self, ns, name):
         store = name.decode("utf-8", "surrogateescape")
-        force = store in ns.force_delete
+        force = ns.force_delete_armed(store)
+        ns.store._changed(store)      # an image made a moment ago elsewhere must be seen
         if not force and ns.store.list_images(store, include_scratch=False):
             raise NotEmpty(f"image store {store} still holds images; delete them first, or set "
                            f"{FORCE_DELETE.decode()} on it to delete them with it")
+        ns.check_store_unused(store)
         ns.store.delete_store(store, force=force)
-        ns.force_delete.discard(store)
+        ns.force_delete.pop(store, None)
         ns.forget_store(store)
 
     def xattrs(self, ns):
@@ -242,6 +246,7 @@ class Root(Node):
 
 class Store(Node):
     mode = S.S_IFDIR | 0o755
+    writable = True
     attr_ttl = SHORT
 
     def __init__(self, key):
@@ -254,7 +259,7 @@ class Store(Node):
     def xattrs(self, ns):
         out = {b"user.imagefs.usage": str(ns.store.usage(self.store)).encode(),
                b"user.imagefs.images": str(len(ns.store.list_images(self.store, include_scratch=False))).encode()}
-        if self.store in ns.force_delete:
+        if ns.force_delete_armed(self.store):
             out[FORCE_DELETE] = b"1"
         return out
 
@@ -262,20 +267,21 @@ class Store(Node):
         if name != FORCE_DELETE:
             raise _no_xattr_support(name)
         if value.strip() in (b"1", b"yes", b"true"):
-            ns.force_delete.add(self.store)
+            ns.force_delete[self.store] = ns.store_incarnation(self.store)
         elif value.strip() in (b"0", b"no", b"false", b""):
-            ns.force_delete.discard(self.store)
+            ns.force_delete.pop(self.store, None)
         else:
             raise InvalidInput(f"{FORCE_DELETE.decode()}: use 1 or 0")
 
     def removexattr(self, ns, name):
         if name != FORCE_DELETE:
             raise _no_xattr_support(name)
-        ns.force_delete.discard(self.store)
+        ns.force_delete.pop(self.store, None)
 
 
 class ImagesDir(Node):
     mode = S.S_IFDIR | 0o755
+    writable = True
     attr_ttl = SHORT
     names_ttl = SHORT
 
@@ -434,14 +440,20 @@ class ExportDir(ImageNode):
 
 
 class ExportFile(ImageNode):
-    """A tar made while it is read: its size is unknown, so it reads as 0 and is opened direct_io."""
-    mode = S.S_IFREG | 0o444
+    """A tar made while it is read: its size is unknown, so it reads as 0 and is opened direct_io.
+    It holds every file of the image whatever its mode: owner and admin group only."""
+    mode = S.S_IFREG | 0o440
 
     @property
     def export(self) -> ExportName:
         return parse_export_name(self.key[1])
 
-    def open(self, ns, flags):
+    @property
+    def has_options(self):
+        """Named with options (not one of the listed ``<ancestor>.tar``): any name makes one."""
+        return "," in self.key[1]
+
+    def open(self, ns, flags, uid=0):
         """A stream of the diff, made while it is read (opening its trees reads VMDK headers)."""
         from ..export import export_diff
 
@@ -449,10 +461,16 @@ class ExportFile(ImageNode):
             raise ReadOnly("read-only")
         wanted, ref = self.export, self.ref
         new = ns.tree(ref)
-        old = None if wanted.ancestor is None else \
-            ns.tree(ns.image_ref(ns.store.get_image(ref.store, wanted.ancestor)))   # rootfs.tar: the whole image
-        return ns.exports.open(lambda: export_diff(new, old, spec=wanted.spec, data=wanted.data),
-                               f"{ref.store}/{ref.id}/export/{self.key[1]}")
+        old_ref = None if wanted.ancestor is None else \
+            ns.image_ref(ns.store.get_image(ref.store, wanted.ancestor))   # rootfs.tar: the whole image
+        old = None if old_ref is None else ns.tree(old_ref)
+        held = [r.idx for r in (ref, old_ref) if r is not None]          # rmdir of either is busy meanwhile
+        handle = ns.exports.open(lambda: export_diff(new, old, spec=wanted.spec, data=wanted.data),
+                                 f"{ref.store}/{ref.id}/export/{self.key[1]}", uid,
+                                 on_close=lambda: [ns.release(idx) for idx in held])
+        for idx in held:
+            ns.hold(idx)
+        return handle
 
 
 class WholeImageFile(ExportFile):
@@ -465,6 +483,7 @@ class WholeImageFile(ExportFile):
 
 class ImportDir(ImageNode):
     mode = S.S_IFDIR | 0o755
+    writable = True
     attr_ttl = SHORT
     names_ttl = SHORT
 
@@ -513,10 +532,11 @@ ERROR_SUFFIX = b".error"
 class ImportFile(ImageNode):
     """A pending or running import: write a tar into it. Its size is the bytes received so far."""
     mode = S.S_IFREG | 0o200
+    writable = True
     attr_ttl = NONE
     settable = True     # cp -p, touch and tar set times and modes on what they write: accepted, ignored
 
-    def open(self, ns, flags):
+    def open(self, ns, flags, uid=0):
         if flags & os.O_ACCMODE == os.O_RDONLY:
             raise PermissionDenied("write-only: the layer is read back from rootfs/")
         return ImportHandle(self.session(ns), ns.ino_of(self), truncate=bool(flags & os.O_TRUNC))

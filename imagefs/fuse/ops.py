@@ -19,6 +19,7 @@ import pyfuse3
 import trio
 
 from ..errors import ImageFSError, ReadOnly
+from .access import visible_xattrs
 from .files import DirHandle, HandleTable
 from .nodes import XATTR_PREFIX, ImagesDir, ImportDir
 
@@ -125,6 +126,8 @@ class Operations(pyfuse3.Operations):
             if not parent.negative_ttl:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return _negative(parent.negative_ttl)
+        for directory, old_name in self.ns.note_lookup(parent_inode, name, entry.ino):
+            pyfuse3.invalidate_entry_async(directory, old_name, ignore_enoent=True)
         return _attributes(entry)
 
     @_errors_to_errno
@@ -150,7 +153,10 @@ class Operations(pyfuse3.Operations):
         return await _call(node, node.readlink, self.ns)
 
     async def forget(self, inode_list):
-        pass    # inode numbers live as long as the mount; nothing to free
+        # Inode numbers live as long as the mount, except export names with options (any name
+        # makes one): those go when the kernel forgets them.
+        for inode, nlookup in inode_list:
+            self.ns.forget(inode, nlookup)
 
     # --- directories -------------------------------------------------------------------
     @_errors_to_errno
@@ -218,7 +224,7 @@ class Operations(pyfuse3.Operations):
     @_errors_to_errno
     async def open(self, inode, flags, ctx):
         node = self.ns.resolve(inode)
-        return self._file_info(await _call(node, node.open, self.ns, flags))
+        return self._file_info(await _call(node, node.open, self.ns, flags, ctx.uid))
 
     def _file_info(self, handle):
         return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=handle.direct_io,
@@ -255,7 +261,12 @@ class Operations(pyfuse3.Operations):
 
     @_errors_to_errno
     async def listxattr(self, inode, ctx):
-        return list(await self._xattrs(inode))
+        names = list(await self._xattrs(inode))
+        if ctx.uid == 0 or not names:
+            return names
+        node = self.ns.resolve(inode)
+        st = (await _call(node, node.getattr, self.ns)).stat
+        return visible_xattrs(names, ctx, st)      # the kernel checks getxattr, not listxattr
 
     async def _xattrs(self, inode, name=None):
         node = self.ns.resolve(inode)

@@ -10,7 +10,10 @@ debugfs 1.47 pitfalls handled (toolchain-probe §B2):
   it also refuses numbers above 65535, so the device number is written with ``sif block[]``;
 - ``ln`` leaves ``links_count`` alone: it is set explicitly, counted while still mounted;
 - xattr values go through ``ea_set -f <file>`` so binary values survive;
-- errors only show on stderr; the exit code is always 0.
+- errors only show on stderr; the exit code is always 0;
+- a script line is cut at its first CR, so a request naming a path with a CR runs alone
+  with ``-R`` (which takes it whole), and a device node whose path holds one is made under
+  a CR-free temporary name in the root, then linked to its name and the temporary unlinked.
 
 Paths are bytes relative to the filesystem root, symlinks already resolved.
 """
@@ -124,18 +127,28 @@ class DeferredOps:
     # --- applying (filesystem unmounted, raw disk still exported) ---
 
     def apply(self, raw: str) -> None:
-        script = os.path.join(self._stage, "deferred.debugfs")
-        with open(script, "wb") as f:
-            f.write(b"\n".join(self._script()) + b"\n")
-        proc = run(["debugfs", "-w", "-f", script, raw], "debugfs")
-        errors = [line for line in proc.stderr.splitlines()
-                  if line.strip() and not line.startswith("debugfs ")]
-        if errors:
-            raise ToolFailed(f"debugfs could not apply deferred operations: {errors[0].strip()}")
+        for n, lines in enumerate(_batches(self._script())):
+            if b"\r" in lines[0]:
+                argv = [b"debugfs", b"-w", b"-R", lines[0], os.fsencode(raw)]
+            else:
+                script = os.path.join(self._stage, f"deferred-{n}.debugfs")
+                with open(script, "wb") as f:
+                    f.write(b"\n".join(lines) + b"\n")
+                argv = ["debugfs", "-w", "-f", script, raw]
+            proc = run(argv, "debugfs")
+            errors = [line for line in proc.stderr.splitlines()
+                      if line.strip() and not line.startswith("debugfs ")]
+            if errors:
+                raise ToolFailed(f"debugfs could not apply deferred operations: {errors[0].strip()}")
 
     def _script(self):
-        for path, op in self._ops.items():
-            if isinstance(op, _Node):
+        for n, (path, op) in enumerate(self._ops.items()):
+            if isinstance(op, _Node) and b"\r" in path:
+                temp = b".imagefs-node-%d" % n
+                yield from self._node_cmds(temp, op)
+                yield b"ln " + _q(b"/" + temp) + b" " + _q(b"/" + path)
+                yield b"unlink " + _q(b"/" + temp)
+            elif isinstance(op, _Node):
                 yield from self._node_cmds(path, op)
             else:
                 yield b"ln " + _q(b"/" + op.target) + b" " + _q(b"/" + path)
@@ -166,6 +179,21 @@ class DeferredOps:
             sec, nsec = divmod(ns, 1_000_000_000)
             yield b"sif %s %s @%d" % (q, field, sec)
             yield b"sif %s %s_extra %d" % (q, field, time_extra(sec, nsec))
+
+
+def _batches(lines):
+    """Runs of CR-free requests (one script each), and each request holding a CR alone."""
+    batch = []
+    for line in lines:
+        if b"\r" in line:
+            if batch:
+                yield batch
+                batch = []
+            yield [line]
+        else:
+            batch.append(line)
+    if batch:
+        yield batch
 
 
 def _q(s: bytes) -> bytes:

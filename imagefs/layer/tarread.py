@@ -185,8 +185,12 @@ def _decode(e) -> Entry:
                 if ffi.entry_atime_is_set(e) else mtime_ns)
     xattrs = _xattrs(e)
     xattrs += _acl_xattrs(e, {name for name, _ in xattrs})
+    name = ffi.entry_pathname(e) or _pathname_utf8(e) or b""
+    for what, value in (("uid", ffi.entry_uid(e)), ("gid", ffi.entry_gid(e))):
+        if not 0 <= value < 0xFFFFFFFF:        # (uid_t)-1 means "no change" to chown
+            raise InvalidInput(f"{name.decode('utf-8', 'replace')}: {what} {value} is out of range")
     return Entry(
-        name=ffi.entry_pathname(e) or _pathname_utf8(e) or b"",
+        name=name,
         filetype=ffi.entry_filetype(e) & AE_IFMT,
         perm=_perm_with_mask(ffi.entry_perm(e) & 0o7777, dict(xattrs).get(ACL_ACCESS_XATTR)),
         uid=ffi.entry_uid(e),
