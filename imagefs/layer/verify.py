@@ -14,6 +14,7 @@ Only what the tar touched is read, so the cost follows the layer, not the image.
 import os
 import stat
 
+from ..cache import Cache
 from ..errors import CorruptDisk, ImageFSError, NotFound
 from ..tree import ROOT_INO, ImageTree
 from ..vmdk import DiskChain
@@ -21,6 +22,7 @@ from .model import KIND_BLK, KIND_CHR, KIND_DIR, KIND_FIFO, KIND_LNK, KIND_REG, 
     decode_xattrs
 
 READ_SIZE = 1 << 20
+VERIFY_CACHE = 1 << 20
 _FMT = {KIND_DIR: stat.S_IFDIR, KIND_REG: stat.S_IFREG, KIND_LNK: stat.S_IFLNK, KIND_CHR: stat.S_IFCHR,
         KIND_BLK: stat.S_IFBLK, KIND_FIFO: stat.S_IFIFO}
 MAX_REPORTED = 3
@@ -34,7 +36,9 @@ def open_sealed(vmdk: str) -> ImageTree:
     def opener(path):
         from ..datastore.local import LocalReadHandle
         return LocalReadHandle(path)
-    return ImageTree(DiskChain(os.path.abspath(vmdk), opener), name=os.path.basename(vmdk))
+    # each inode is read about once: a small cache, as several imports may verify at once
+    return ImageTree(DiskChain(os.path.abspath(vmdk), opener), name=os.path.basename(vmdk),
+                     cache=Cache(VERIFY_CACHE))
 
 
 def verify_layer(vmdk: str, model: LayerModel) -> int:
