@@ -210,9 +210,9 @@ class ImageStore:
         return self._st.remove_container(container_id)
 
     # --- container images in and out, references ----------------------------------------
-    def load(self, store, src, tags=(), name=None):
+    def load(self, store, src, tags=(), name=None, platform=None):
         from .oci.load import load
-        return load(self._st, store, src, tags=tags, name=name)
+        return load(self._st, store, src, tags=tags, name=name, platform=platform)
 
     def save(self, store, ref, output, format="oci"):
         from .oci.save import save

@@ -27,7 +27,7 @@ from .ids import SCRATCH
 from .layer.recover import dead_work_dirs, disks_of, recover_work_dirs
 from .store import CLAIM, _claim_path, _disk_path, _image_dir, _images_dir, _store_lock
 from .tree import ROOT_INO
-from .vmdk import SECTOR, SparseExtent
+from .vmdk import SECTOR, Disk
 
 READ_SIZE = 1 << 20
 _TEMP = re.compile(r"\.(?:tmp|space-probe)-(\d+)$")
@@ -168,29 +168,31 @@ def _check_image(st, store, image_id, report, data):
 
 
 def _check_extent(st, disk):
-    """Header, descriptor, grain directory and tables of one file: all inside it, no overlap."""
-    size = st.ds.size(disk)
-    handle = st.ds.open_read(disk)
+    """The disk's descriptor and extents open, and every grain table and grain of its sparse
+    extents lies inside its file, no two grains in one place."""
+    opened = Disk(disk, st.ds.open_read)
     try:
-        extent = SparseExtent(disk, handle)
-        gd = extent.grain_directory
-        used = set()
-        for index, gt_sector in enumerate(gd):
-            if gt_sector == 0:
-                continue
-            if gt_sector * SECTOR + extent.gtes_per_gt * 4 > size:
-                raise CorruptDisk(f"{disk}: grain table {index} lies beyond the end of the file")
-            for entry in extent.grain_table(index):
-                if entry in (0, -1):
+        for extent in opened.extents:
+            if not hasattr(extent, "table"):
+                continue                                # flat or zero: no tables
+            size = st.ds.size(extent.path)
+            used = set()
+            for index in range(extent.n_tables):
+                table = extent.table(index)
+                if table is None:
                     continue
-                if entry * SECTOR + extent.grain_size > size:
-                    raise CorruptDisk(f"{disk}: a grain of table {index} lies beyond the end of the file "
-                                      f"(sector {entry}, file of {size} bytes)")
-                if entry in used:
-                    raise CorruptDisk(f"{disk}: two grains share sector {entry}")
-                used.add(entry)
+                for entry in table:
+                    if entry <= 1:                      # a hole, or a grain of zeros
+                        continue
+                    end = entry * SECTOR + (SECTOR if extent.compressed else extent.grain_size)
+                    if end > size:
+                        raise CorruptDisk(f"{extent.path}: a grain of table {index} lies beyond the end of the "
+                                          f"file (sector {entry}, file of {size} bytes)")
+                    if entry in used:
+                        raise CorruptDisk(f"{extent.path}: two grains share sector {entry}")
+                    used.add(entry)
     finally:
-        handle.close()
+        opened.close()
 
 
 def _chain_in_store(st, store, chain):

@@ -60,6 +60,15 @@ def _emit(args, obj, text_lines):
             print(line)
 
 
+def _table(header, rows, right=()):
+    """Text lines of a table whose columns are as wide as their widest cell (IDs of loaded
+    images are 64 characters); columns numbered in ``right`` are right-aligned."""
+    cells = [list(header)] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+            for row in cells]
+
+
 def _datastore_spec(args, create=False):
     from .datastore.base import default_datastore_path
     spec = args.datastore or default_datastore_path()
@@ -91,7 +100,7 @@ def _open_input(path):
 
 # --- store --------------------------------------------------------------------------------------
 def cmd_store_create(args):
-    _open_store(args, create=True).create_store(args.name, capacity=args.capacity)
+    _open_store(args, create=True).create_store(args.name, capacity=args.capacity, disk_format=args.disk_format)
     print(args.name)
 
 
@@ -177,9 +186,9 @@ def cmd_image_ls(args):
     if args.quiet_ids:
         _emit(args, [r["id"] for r in rows], [r["id"] for r in rows])
         return
-    lines = [f"{'ID':<40} {'PARENT':<40} {'SIZE':>10}  REFS"]
-    lines += [f"{r['id']:<40} {r['parent'] or '-':<40} {human(r['size']):>10}  {','.join(r['refs']) or '-'}"
-              for r in rows]
+    lines = _table(("ID", "PARENT", "SIZE", "REFS"),
+                   [(r["id"], r["parent"] or "-", human(r["size"]), ",".join(r["refs"]) or "-") for r in rows],
+                   right={2})
     _emit(args, rows, lines)
 
 
@@ -189,7 +198,13 @@ def _image_facts(st, store, image_id):
             "ancestors": st.ancestors(store, image_id), "children": st.children(store, image_id),
             "metadata": sorted(img.metadata_keys), "usage": st.layer_usage(store, image_id),
             "url": st.url(store, image_id), "disk": st.datastore_path(store, image_id),
+            **_disk_format(st, store, image_id),
             "owners": st.owners(store, image_id), "refs": _refs(st, store).get(image_id, [])}
+
+
+def _disk_format(st, store, image_id):
+    disk = st.layer_disk(store, image_id)
+    return {"format": disk.create_type, "extents": list(disk.extent_files)}
 
 
 def cmd_image_info(args):
@@ -233,7 +248,8 @@ def cmd_image_rm(args):
 def cmd_image_load(args):
     from .oci.load import load
     st = _open_store(args)
-    loaded = load(st, args.store, args.src, tags=args.tag or (), name=args.name, progress=_progress(args))
+    loaded = load(st, args.store, args.src, tags=args.tag or (), name=args.name, platform=args.platform,
+                  progress=_progress(args))
     rows = [{"image": x.image, "refs": x.names, "layers": x.layers, "written": x.written} for x in loaded]
     _emit(args, rows, [f"{x.image} {' '.join(x.names) or '-'} ({x.written} of {len(x.layers)} layers written)"
                        for x in loaded])
@@ -374,8 +390,8 @@ def cmd_umount(args):
 def cmd_status(args):
     from .fuse.mount import active_mounts
     rows = active_mounts()
-    lines = [f"{'MOUNTPOINT':<32} {'DATASTORE':<32} {'PID':>7}  STATE"]
-    lines += [f"{m['mountpoint']:<32} {m['datastore']:<32} {m['pid'] or '-':>7}  {m['state']}" for m in rows]
+    lines = _table(("MOUNTPOINT", "DATASTORE", "PID", "STATE"),
+                   [(m["mountpoint"], m["datastore"], m["pid"] or "-", m["state"]) for m in rows], right={2})
     _emit(args, rows, lines)
 
 
@@ -456,6 +472,9 @@ def build_parser():
     c = store.add_parser("create", help="create a store with its scratch image (and the datastore)")
     c.add_argument("name")
     c.add_argument("--capacity", default="8GB", help="scratch disk capacity (default 8GB)")
+    c.add_argument("--disk-format", choices=["monolithicSparse", "vmfsSparse", "seSparse"],
+                   help="createType of the store's layers (default: the datastore's; monolithicSparse "
+                        "locally); vmfsSparse and seSparse are ESXi delta formats")
     c.set_defaults(func=cmd_store_create)
     c = store.add_parser("ls", help="list stores")
     _json_flag(c)
@@ -511,6 +530,8 @@ def build_parser():
     c.add_argument("src", help="docker save archive, OCI layout directory or OCI archive")
     c.add_argument("--tag", action="append", metavar="NAME:TAG", help="also name the image so (repeatable)")
     c.add_argument("--name", help="NAME for references the source gives as a bare tag (default: SRC's name)")
+    c.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                   help="the platform to take from a multi-platform image (default: this host's)")
     _json_flag(c)
     c.set_defaults(func=cmd_image_load)
     c = image.add_parser("save", help="save an image as an OCI layout/archive or a docker archive")

@@ -6,14 +6,23 @@ is made on a sparse raw file with inode tables zeroed up front (so later kernel
 mounts of children have no lazy-init writes to copy into every layer), 256-byte
 inodes and no inline_data (what the read path supports), then converted to a
 monolithicSparse VMDK (qemu-img skips zero grains).
+
+A store whose layers ESXi must accept (vmdk/layer_format.py) gets a scratch made of
+VMFS-native disks instead: an empty thin ``vmfs`` base (``scratch-base.vmdk``) and
+``scratch.vmdk``, a delta of it in the store's format holding the ext4's written
+grains, so that nothing of the mostly-zero capacity is stored or uploaded but the
+base's descriptor (see make_scratch_disk's ``base``).
 """
 import math
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
 
 from .errors import InvalidInput, ToolFailed
+from .vmdk.flat import write_vmfs_descriptor
+from .vmdk.layer_format import DEFAULT_FORMAT, write_delta
 
 LABEL = "containerfs"
 DEFAULT_CAPACITY = 8_000_000_000  # "8GB" as VIC's --base-image-size default
@@ -46,8 +55,19 @@ def parse_size(text):
     return int(value * _UNITS[unit])
 
 
-def make_scratch_disk(vmdk_path, capacity=DEFAULT_CAPACITY, workdir=None):
-    """Create the scratch VMDK at ``vmdk_path`` (a host path)."""
+BASE_NAME = "scratch-base.vmdk"
+_ALIGN = 64 * 1024              # data ranges of the raw ext4 are rounded out to this
+
+
+def make_scratch_disk(vmdk_path, capacity=DEFAULT_CAPACITY, workdir=None, disk_format=DEFAULT_FORMAT,
+                      base="flat"):
+    """Create the scratch VMDK at ``vmdk_path`` (a host path) in ``disk_format``.
+
+    For an ESXi delta format, ``base`` says what the delta's parent is: "flat" writes
+    ``scratch-base.vmdk`` beside it as a thin vmfs disk over a sparse ``-flat.vmdk`` of
+    the full capacity; "empty" makes that flat file 0 bytes (for datastores where a
+    sparse file would be uploaded whole: the missing tail reads as zeros, for imagefs
+    and for qemu); a CID string means the datastore made the thin base itself."""
     capacity = parse_size(capacity)
     if capacity < MIN_CAPACITY:
         raise InvalidInput(f"scratch capacity {capacity} is too small (minimum {MIN_CAPACITY} bytes)")
@@ -61,10 +81,52 @@ def make_scratch_disk(vmdk_path, capacity=DEFAULT_CAPACITY, workdir=None):
             f.truncate(capacity)
         _run(["mke2fs", "-q", "-F", "-t", "ext4", "-I", "256", "-O", "^inline_data", "-L", LABEL,
               "-E", "lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0", "-d", skel, raw])
-        _run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicSparse",
-              raw, vmdk_path])
+        if disk_format == DEFAULT_FORMAT:
+            _run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicSparse",
+                  raw, vmdk_path])
+        else:
+            base_cid = base if base not in ("flat", "empty") else \
+                _write_base(os.path.join(os.path.dirname(vmdk_path), BASE_NAME), capacity, base)
+            with open(raw, "rb") as f:
+                write_delta(vmdk_path, disk_format, capacity, _data_ranges(f.fileno(), capacity), [],
+                            _FileReader(f.fileno()), cid=secrets.token_hex(4), parent_cid=base_cid,
+                            parent_hint=BASE_NAME)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_base(path, capacity, kind):
+    """The all-zero base: a thin vmfs disk over a sparse or an empty flat file. Its CID."""
+    flat = path.removesuffix(".vmdk") + "-flat.vmdk"
+    with open(flat, "wb") as f:
+        f.truncate(capacity if kind == "flat" else 0)
+    return write_vmfs_descriptor(path, flat, capacity)
+
+
+def _data_ranges(fd, size):
+    """Byte ranges of a sparse file that hold data, rounded out to _ALIGN."""
+    ranges, pos = [], 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:                 # ENXIO: no data after pos
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        lo, hi = start - start % _ALIGN, min(size, -(-end // _ALIGN) * _ALIGN)
+        if ranges and lo <= ranges[-1][1]:
+            ranges[-1] = (ranges[-1][0], max(ranges[-1][1], hi))
+        else:
+            ranges.append((lo, hi))
+        pos = end
+    return ranges
+
+
+class _FileReader:
+    def __init__(self, fd):
+        self.fd = fd
+
+    def pread(self, offset, length):
+        return os.pread(self.fd, length, offset)
 
 
 def _build_skeleton(skel):

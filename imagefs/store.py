@@ -5,6 +5,7 @@ Layout on a datastore (compatible with VIC's port layer)::
     VIC/<store>/images/<id>/<id>.vmdk            the layer disk (scratch: base disk; others: delta child)
     VIC/<store>/images/<id>/imageMetadata/<key>  raw metadata values
     VIC/<store>/images/<id>/manifest             empty, written last: no manifest, no image
+    VIC/<store>/diskFormat                       the createType new layers are written in (imagefs's own)
     <container-id>/<container-id>.vmdk           a container's read-write disk, a child of an image
 
 Parentage comes from the disk chain (``parentFileNameHint``), never from metadata.
@@ -24,7 +25,9 @@ from .ids import SCRATCH, check_id
 from .layer.recover import recover_work_dirs
 from .layer.tools import hold_interrupts
 from .tree import ImageTree
-from .vmdk import DiskChain, SparseExtent
+from .datastore.local import LocalDatastore
+from .vmdk import DiskChain, open_disk
+from .vmdk.layer_format import DEFAULT_FORMAT, check_disk_format
 
 log = logging.getLogger("imagefs.store")
 
@@ -93,6 +96,10 @@ def _claim_path(store, image_id):
     return f"{_image_dir(store, image_id)}/{CLAIM}"
 
 
+def _format_file(store):
+    return f"{_store_dir(store)}/diskFormat"
+
+
 def _children_lock(store, image_id):
     """Held (shared) while a child of the image is written, so the image is not deleted under it."""
     return f"{_image_dir(store, image_id)}/.children.lock"
@@ -123,22 +130,28 @@ class ImageStore:
             recover_work_dirs(workdir)      # what killed writers of this machine left running
 
     # --- image stores -------------------------------------------------------------------
-    def create_store(self, name, capacity=scratch_disk.DEFAULT_CAPACITY):
-        """Create store ``name`` with its scratch image; Exists if it is there already."""
+    def create_store(self, name, capacity=scratch_disk.DEFAULT_CAPACITY, disk_format=None):
+        """Create store ``name`` with its scratch image; Exists if it is there already.
+
+        ``disk_format`` (a createType of vmdk.layer_format.DELTA_FORMATS) is what its
+        layers are written in; default: the datastore's ``default_disk_format``."""
         check_id(name, "store name")
+        disk_format = check_disk_format(disk_format or self.default_disk_format)
         try:
             self.ds.mkdir(_store_dir(name))  # atomic: raises Exists for a taken name
         except Exists:
             raise Exists(f"image store {name} already exists") from None
         try:
+            self.ds.write_file(_format_file(name), f"{disk_format}\n".encode())
             # held while scratch is made: a delete or clean-up by another process waits it out (EBUSY)
             with self.ds.lock(f"{_store_dir(name)}/.lock", exclusive=True):
                 self.ds.mkdir(_images_dir(name))
                 self.ds.mkdir(_image_dir(name, SCRATCH))
                 self.ds.mkdir(f"{_image_dir(name, SCRATCH)}/imageMetadata")
+                base = self._scratch_base(name, capacity, disk_format)
                 with self.ds.new_host_dir(_image_dir(name, SCRATCH)) as host:
-                    scratch_disk.make_scratch_disk(f"{host}/{SCRATCH}{DISK_SUFFIX}", capacity,
-                                                   workdir=self.workdir)
+                    scratch_disk.make_scratch_disk(f"{host}/{SCRATCH}{DISK_SUFFIX}", capacity, workdir=self.workdir,
+                                                   disk_format=disk_format, base=base)
                 self.ds.write_file(f"{_image_dir(name, SCRATCH)}/manifest", b"")
         except BaseException:
             self.ds.rmtree(_store_dir(name))
@@ -146,6 +159,34 @@ class ImageStore:
         self._cleaned.add(name)
         log.info("created image store %s", name)
         return name
+
+    def _scratch_base(self, store, capacity, disk_format):
+        """What the scratch delta of an ESXi-format store stands on (scratch.make_scratch_disk):
+        a thin base the datastore makes itself where it can (``create_thin_disk``, e.g. a
+        host's CreateVirtualDisk), a sparse flat file on a local directory, else an empty
+        flat file (a sparse one would be uploaded whole)."""
+        create = getattr(self.ds, "create_thin_disk", None)
+        if disk_format == DEFAULT_FORMAT:
+            return None
+        if create is not None:
+            path = f"{_image_dir(store, SCRATCH)}/{scratch_disk.BASE_NAME}"
+            create(path, scratch_disk.parse_size(capacity) - scratch_disk.parse_size(capacity) % (1 << 20))
+            return self.disk_info(path).cid
+        return "flat" if isinstance(self.ds, LocalDatastore) else "empty"
+
+    @property
+    def default_disk_format(self):
+        """The format of new stores' layers: the datastore's choice (a vSphere datastore
+        wants one ESXi accepts as a disk parent), else monolithicSparse."""
+        return getattr(self.ds, "default_disk_format", DEFAULT_FORMAT)
+
+    def disk_format(self, store):
+        """The createType this store writes its layers in (stores made before imagefs
+        recorded it, or by VIC, use the datastore's default)."""
+        try:
+            return check_disk_format(self.ds.read_file(_format_file(store)).decode().strip())
+        except NotFound:
+            return self.default_disk_format
 
     def list_stores(self):
         return [n for n in self.ds.listdir(ROOT_DIR) if self.ds.is_dir(_images_dir(n))]
@@ -271,20 +312,27 @@ class ImageStore:
                 held[rest] = info
         return names
 
-    def _read_extent(self, disk, known=None):
-        handle = self.ds.open_read(disk, known=known)
+    def disk_info(self, disk, known=None):
+        """A disk's descriptor facts (format, CIDs, parent, extent files); no grain tables
+        read. ``known``: the disk's FileInfo, where the caller has it (saves a stat)."""
+        def opener(path):
+            return self.ds.open_read(path, known=known) if path == disk else self.ds.open_read(path)
+        return open_disk(disk, opener, self.ds.hint_names)
+
+    def layer_disk(self, store, image_id):
+        """An image's own disk facts: createType, extent files, CIDs (a vmdk.DiskInfo)."""
+        img = self.get_image(store, image_id)
         try:
-            return SparseExtent(disk, handle)
-        finally:
-            handle.close()
+            return self.disk_info(img.disk)
+        except FileNotFoundError:       # deleted by another process a moment ago
+            raise NotFound(f"image {image_id} in store {store} has no disk") from None
 
     def _parent_of_disk(self, disk, known=None):
         """(parent image id or None, parent disk path) from a disk's descriptor."""
-        extent = self._read_extent(disk, known)
-        if not extent.parent_hint or extent.parent_cid == "ffffffff":
+        parent_disk = self.disk_info(disk, known).parent_path(self.ds.hint_names)
+        if parent_disk is None:
             return None, None
-        parent_disk = posixpath.normpath(posixpath.join(posixpath.dirname(disk), extent.parent_hint))
-        return posixpath.basename(parent_disk)[: -len(".vmdk")], parent_disk
+        return posixpath.basename(parent_disk).removesuffix(".vmdk"), parent_disk
 
     def catalogue(self, store):
         """The store's Catalogue: one walk of its images directory, descriptors read once per disk."""
@@ -384,6 +432,8 @@ class ImageStore:
         ``on_archive_end()`` is called once the tar's end-of-archive marker has been read.
         """
         from .layer.writer import write_layer  # heavy imports only when writing
+        from .vmdk.hints import relative_hint
+        from .vmdk.layer_format import seal_as
 
         check_id(image_id)
         if image_id == SCRATCH:
@@ -401,9 +451,12 @@ class ImageStore:
             with self._claim(store, image_id) as d:
                 self.ds.mkdir(f"{d}/imageMetadata")
                 with self.host_chain(parent.disk) as parent_host, self.ds.new_host_dir(d) as host:
-                    result = write_layer(parent_host, f"{host}/{image_id}{DISK_SUFFIX}", stream,
-                                         expected_sum=expected_sum, method=self.writer_method,
-                                         workdir=self.workdir, progress=progress, on_archive_end=on_archive_end)
+                    child = f"{host}/{image_id}{DISK_SUFFIX}"
+                    result = write_layer(parent_host, child, stream, expected_sum=expected_sum,
+                                         method=self.writer_method, workdir=self.workdir, progress=progress,
+                                         on_archive_end=on_archive_end)
+                    # post-seal: the store's disk format and the parent hint the layer keeps
+                    seal_as(child, self.disk_format(store), relative_hint(_disk_path(store, image_id), parent.disk))
                 self._commit(d, metadata)
         self._changed(store)
         log.info("wrote image %s/%s (parent %s, %s, %d bytes)", store, image_id, parent_id,
@@ -497,31 +550,21 @@ class ImageStore:
 
     # --- reading --------------------------------------------------------------------------------
     def open_chain(self, disk):
-        return DiskChain(disk, self.ds.open_read)
+        return DiskChain(disk, self.ds.open_read, self.ds.hint_names)
 
     @contextmanager
     def host_chain(self, disk):
-        """``with st.host_chain(disk) as host:`` the host path of ``disk`` with its whole
-        chain (every disk file of every layer) beside it, for qemu tools to read."""
-        chain = self.open_chain(disk)
-        try:
-            layers = [layer.path for layer in chain.layers]
-        finally:
-            chain.close()
-        files, walks = [], {}
-        for layer in layers:
-            d, name = posixpath.split(layer)
-            parent = posixpath.dirname(d)
-            # one walk of a store's images dir serves every layer in it
-            where = parent if parent.endswith("/images") else d
-            if where not in walks:
-                walks[where] = self.ds.walk(where, pattern=f"*{DISK_SUFFIX}")
-            sub = d[len(where):].strip("/")
-            files.append(layer)
-            files += [f"{d}/{n.rpartition('/')[2]}" for n, info in walks[where].items()
-                      if not info.is_dir and n.rpartition("/")[0] == sub and n.rpartition("/")[2] != name]
-        with self.ds.host_files(files) as hosts:
-            yield hosts[0]
+        """``with st.host_chain(disk) as host:`` the host path of a disk that qemu tools
+        open as ``disk`` with its whole chain: the disk itself, every file of its chain
+        staged beside it, or a stand-in chain over those files where qemu cannot follow
+        the real one (vmdk/qemu_view.py)."""
+        from .vmdk.qemu_view import qemu_parent
+
+        with self.open_chain(disk) as chain:
+            files = list(dict.fromkeys(f for layer in chain.layers for f in (layer.path, *layer.info.extent_files)))
+            with self.ds.host_files(files) as hosts, \
+                    qemu_parent(chain, dict(zip(files, hosts)).__getitem__, self.workdir) as host:
+                yield host
 
     def tree(self, store, image_id, cache=None):
         """The read API of a sealed image, opened anew (a mount keeps its own, see fuse/namespace.py);

@@ -15,6 +15,7 @@ if mountpoint -q "$MNT" 2>/dev/null || grep -q " $MNT fuse" /proc/mounts; then
 fi
 mkdir -p "$MNT"
 
+mkdir -p "$IMAGEFS_DATASTORE"
 "$IMAGEFS" store ls | grep -qx demo || "$IMAGEFS" store create demo >/dev/null
 if ! "$IMAGEFS" image ls -q demo | grep -qx hello; then
   work=$(mktemp -d)

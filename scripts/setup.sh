@@ -14,6 +14,7 @@ APT_PACKAGES=(
   debootstrap                            # a real Debian rootfs for the OCI image tests
   fio bindfs util-linux procps psmisc    # benchmarks (bindfs: a C FUSE peer); mount/losetup/setpriv; pkill/fuser
   patch                                  # the project's patch to pyfuse3 (scripts/build-pyfuse3.sh)
+  systemd                                # systemd-analyze: the docs' unit example is verified (tests/test_docs.py)
   golang-go golang-github-vmware-govmomi-dev openssl  # the vSphere simulator the tests build (scripts/build-vcsim.sh)
   python3 python3-venv python3-dev gcc
 )

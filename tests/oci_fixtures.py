@@ -14,12 +14,22 @@ skopeo converts it: zstd layers, and a ``docker save`` archive.
 import io
 import os
 import subprocess
+import sys
 import tarfile
 
 import pytest
 
 PACKAGES = ("tzdata", "base-files", "debianutils", "sed", "grep", "gzip")
 TAG = "t"
+
+
+def imagefs(ds, *args, ok=True):
+    """Run the CLI on datastore ``ds``; with ``ok``, it must succeed."""
+    proc = subprocess.run([sys.executable, "-m", "imagefs", "--datastore", str(ds), *args],
+                          capture_output=True, text=True)
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    return proc
 
 
 def run(*argv, **kw):

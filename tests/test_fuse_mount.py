@@ -1,4 +1,5 @@
-"""The mount's life: starting (ready or a reason), options, signals, killed daemons, mount(8), broken disks."""
+"""The mount's life: starting (ready or a reason), options, signals, killed daemons, broken disks
+(mount(8), umount(8) and fstab: test_mount_helpers.py)."""
 import errno
 import os
 import signal
@@ -14,9 +15,6 @@ from fuse_fixtures import (STORE, daemon_pid, datastore, image_path, is_mounted,
                            unmount, vmdk_path, wait_for)
 
 from imagefs.fuse.mount import umount
-
-HELPER = os.path.join(os.path.dirname(__file__), "..", "mount_helpers", "mount.imagefs")
-
 
 @pytest.fixture
 def ds(datastore, tmp_path):  # noqa: F811
@@ -192,34 +190,6 @@ def test_other_users_are_kept_out_unless_allow_other(ds, mnt):
     assert proc.returncode != 0 and "Permission denied" in proc.stderr
 
 
-@pytest.fixture
-def helper_installed():
-    """mount(8) finds helpers only in /sbin: link ours there for the test."""
-    links = ["/sbin/mount.fuse.imagefs", "/sbin/umount.fuse.imagefs"]
-    made = []
-    for link in links:
-        if not os.path.lexists(link):
-            os.symlink(os.path.abspath(HELPER), link)
-            made.append(link)
-    yield
-    for link in made:
-        os.unlink(link)
-
-
-def test_mount_8_and_fstab(ds, mnt, tmp_path, helper_installed):
-    proc = subprocess.run(["mount", "-t", "fuse.imagefs", str(ds), mnt, "-o", "ro,allow_other"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert os.listdir(mnt) == [STORE]
-    assert subprocess.run(["umount", mnt]).returncode == 0 and not is_mounted(mnt)
-    fstab = tmp_path / "fstab"
-    fstab.write_text(f"{ds} {mnt} fuse.imagefs noauto,allow_other,x-systemd.automount 0 0\n")
-    proc = subprocess.run(["mount", "-T", str(fstab), mnt], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert os.path.isdir(image_path(mnt, "child", "rootfs"))
-    assert subprocess.run(["umount", mnt]).returncode == 0 and not is_mounted(mnt)
-
-
 def test_broken_disk_gives_eio_and_a_log_line(ds, mnt, tmp_path):
     """Cut off the grains of one layer: its reads fail with EIO, the rest keeps working."""
     vmdk = vmdk_path(ds, "child")
@@ -250,19 +220,3 @@ def _errno_of(fn):
     except OSError as e:
         return e.errno
     return None
-
-
-def test_installed_helper_runs_with_an_empty_environment(ds, mnt, tmp_path):
-    """mount(8) runs helpers without PATH or venv: the installed helper names its Python."""
-    from imagefs.fuse.helper import install_helpers
-    helpers = tmp_path / "sbin"
-    helpers.mkdir()
-    written = install_helpers(str(helpers))
-    assert [os.path.basename(p) for p in written] == ["mount.fuse.imagefs", "mount.imagefs"]
-    proc = subprocess.run(["env", "-i", str(helpers / "mount.imagefs"), str(ds), mnt, "-o", "ro"],
-                          capture_output=True, text=True, cwd="/")
-    assert proc.returncode == 0, proc.stderr
-    assert os.listdir(mnt) == [STORE]
-    with open("/proc/self/mountinfo") as f:
-        (line,) = [line for line in f if line.split()[4] == mnt]
-    assert line.split(" - ")[1].split()[1] == os.path.abspath(ds)     # fstab matches it: mount -a mounts once

@@ -3,12 +3,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
 from fuse_fixtures import dump, mounted
-from oci_fixtures import TAG, oci_images  # noqa: F401
+from oci_fixtures import TAG, imagefs, oci_images  # noqa: F401
 
 from imagefs.scratch import SKELETON_DIRS, SKELETON_FILES, SKELETON_SYMLINKS
 
@@ -17,14 +16,6 @@ NAME = "example/app"
 # in place, leaving the directory's mtime at the time of unpacking, not the layer's
 UMOCI_TOUCHED = {"usr/share/doc"}
 SKELETON = {"lost+found"} | {p for p, _ in SKELETON_DIRS + SKELETON_FILES + SKELETON_SYMLINKS}
-
-
-def imagefs(ds, *args, ok=True):
-    proc = subprocess.run([sys.executable, "-m", "imagefs", "--datastore", str(ds), *args],
-                          capture_output=True, text=True)
-    if ok:
-        assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 def tree(root):

@@ -160,9 +160,9 @@ def test_unreadable_tree(store):
     rec = tree.geo.record(tree.resolve("d"))
     [(_lblk, pblk, _count)] = ext4.extent_map(tree.geo, rec)[0][:1]
     offset = pblk * tree.block_size
-    top = tree.chain.layers[0]
+    top = tree.chain.layers[0].extents[0]                    # the layer's own sparse extent
     grain, within = divmod(offset, top.grain_size)
-    sector = top.grain_table(grain // top.gtes_per_gt)[grain % top.gtes_per_gt]
+    sector = top.table(grain // top.entries)[grain % top.entries]
     assert sector > 0                                        # the top layer rewrote d's block
     with open(os.path.join(store.images, "top", "top.vmdk"), "r+b") as f:
         f.seek(sector * 512 + within)

@@ -426,7 +426,7 @@ def test_vsphere_cache_warm_reads_fetch_nothing_and_stay_bounded(vsphere_env, fo
     try:
         st.create_store("s", capacity="64MiB")
         st.write_image("s", "scratch", "big", io.BytesIO(make_tar([("big", "file", {"data": os.urandom(6 << 20)})])))
-        disk = "VIC/s/images/big/big.vmdk"
+        disk = st.layer_disk("s", "big").extent_files[-1]     # the file holding the layer's grains
         with open(os.path.join(vsphere_env.ds_dir, folder, disk), "rb") as f:
             data = f.read()
         assert len(data) > 6 << 20

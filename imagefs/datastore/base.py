@@ -50,6 +50,11 @@ class Datastore(ABC):
         """Every name under which "[name] path" and /vmfs/volumes/<name>/ mean this datastore."""
         return (self.name, *self.aliases)
 
+    @property
+    def hint_names(self):
+        """The names a VMDK parent hint may give this datastore (vmdk/hints.py); None: any."""
+        return self.names
+
     def datastore_path(self, path):
         """The "[name] path" form of a datastore-relative path."""
         return f"[{self.name}] {path}"

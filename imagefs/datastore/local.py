@@ -40,6 +40,9 @@ class LocalReadHandle(ReadHandle):
 
 class LocalDatastore(Datastore):
     name = "local"
+    # parent hints may name any datastore ("/vmfs/volumes/<name>/...", "[<name>] ..."):
+    # a local directory is often a copy of a VMFS datastore whose name is not known here
+    hint_names = None
 
     def __init__(self, root):
         self.root = os.path.abspath(root)

@@ -48,7 +48,7 @@ def compute(new, layers, geo_new, geo_old):
     (Geometry of each), or None when their inode tables do not line up."""
     if not geo_new.same_layout(geo_old):
         return None
-    grains = _Grains(layers, new.chain.grain_size, geo_new.block_size)
+    grains = _Grains(layers, geo_new.block_size)
     touched = _changed_records(geo_new, geo_old, grains)
     dirs, multi = {}, set()
     for ino, rec in geo_new.used_records():
@@ -125,33 +125,31 @@ def _changed_records(geo_new, geo_old, grains):
 
 
 class _Grains:
-    """The grains written by some layers, as a sorted list for range queries."""
+    """The byte ranges some layers wrote (whole grains), merged and sorted for range queries."""
 
-    def __init__(self, layers, grain_size, block_size):
-        written = set()
-        for layer in layers:
-            written.update(layer.allocated_grains())
-        self.sorted = sorted(written)
-        self.grain_size = grain_size
+    def __init__(self, layers, block_size):
+        merged = []
+        for a, b in sorted(r for layer in layers for r in layer.allocated()):
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        self.ranges = merged
+        self.starts = [a for a, _ in merged]
         self.block_size = block_size
-
-    def _first_in(self, g0, g1):
-        i = bisect.bisect_left(self.sorted, g0)
-        return self.sorted[i] if i < len(self.sorted) and self.sorted[i] <= g1 else None
 
     def hit_run(self, block, count):
         start = block * self.block_size
-        return self._first_in(start // self.grain_size, (start + count * self.block_size - 1) // self.grain_size) \
-            is not None
+        return next(self.spans(start, start + count * self.block_size), None) is not None
 
     def hit_block(self, block):
         return bool(block) and self.hit_run(block, 1)
 
     def spans(self, start, end):
         """(lo, hi) byte ranges of [start, end) that lie in written grains."""
-        gs = self.grain_size
-        i = bisect.bisect_left(self.sorted, start // gs)
-        while i < len(self.sorted) and self.sorted[i] * gs < end:
-            g = self.sorted[i]
-            yield max(start, g * gs), min(end, (g + 1) * gs)
+        i = max(0, bisect.bisect_right(self.starts, start) - 1)
+        while i < len(self.ranges) and self.ranges[i][0] < end:
+            a, b = self.ranges[i]
+            if b > start:
+                yield max(start, a), min(end, b)
             i += 1

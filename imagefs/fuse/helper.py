@@ -1,21 +1,20 @@
-"""The mount(8) and umount(8) helper (``mount_helpers/mount.imagefs`` runs it).
+"""The mount(8) helper (``mount_helpers/mount.imagefs`` runs it).
 
 mount(8) runs ``mount.fuse.imagefs DATASTORE MOUNTPOINT [-sfnv] [-N ns] [-o OPTS] [-t TYPE]``
-for ``mount -t fuse.imagefs`` and fstab lines; umount(8) runs
-``umount.fuse.imagefs MOUNTPOINT [-flnrv] [-N ns] [-t TYPE]`` (``-l``: lazy).
+for ``mount -t fuse.imagefs`` and fstab lines. There is no umount helper: as root,
+umount(8) unmounts by itself (it looks for ``umount.fuse.imagefs`` only with ``-l`` or
+``-f``; tests/test_mount_helpers.py shows it), and the daemon finishes on its own.
 """
 import getopt
 import os
 import shlex
 import sys
 
-from .mount import mount, umount
+from .mount import mount
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--umount"]:
-        return _umount(argv[1:])
     try:
         flags, positional = getopt.gnu_getopt(argv, "sfnvo:t:N:")
     except getopt.GetoptError as e:
@@ -25,16 +24,6 @@ def main(argv=None):
     if ("-f", "") in flags:
         return 0                     # mount -f: pretend
     return mount(positional[0], positional[1], options=[v for f, v in flags if f == "-o"])
-
-
-def _umount(argv):
-    try:
-        flags, positional = getopt.gnu_getopt(argv, "flnrvzt:N:")
-    except getopt.GetoptError as e:
-        return _usage(e, "umount.imagefs [-l] MOUNTPOINT")
-    if len(positional) != 1:
-        return _usage("need MOUNTPOINT", "umount.imagefs [-l] MOUNTPOINT")
-    return umount(positional[0], lazy=any(f in ("-l", "-z") for f, _ in flags))
 
 
 HELPER_NAMES = ("mount.fuse.imagefs", "mount.imagefs")

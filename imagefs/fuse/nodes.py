@@ -410,6 +410,7 @@ class InfoFile(ImageNode, ContentFile):
             "usage": ns.store.layer_usage(self.ref.store, self.ref.id),
             "ancestors": ns.store.ancestors(self.ref.store, self.ref.id),
             "metadata": list(self.ref.metadata_keys),
+            "extents": list(ns.store.layer_disk(self.ref.store, self.ref.id).extent_files),
         }, indent=2) + "\n").encode()
 
 
@@ -590,7 +591,8 @@ def _no_xattr_support(name):
 def _image_info(ns, ref):
     """The string facts of an image (also its user.imagefs.* xattrs)."""
     info = {"id": ref.id, "store": ref.store, "url": ns.store.url(ref.store, ref.id),
-            "datastore-path": ns.store.datastore_path(ref.store, ref.id)}
+            "datastore-path": ns.store.datastore_path(ref.store, ref.id),
+            "disk-format": ns.store.layer_disk(ref.store, ref.id).create_type}
     if ref.parent is not None:
         info["parent"] = ref.parent
     return info

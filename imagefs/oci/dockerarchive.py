@@ -26,7 +26,8 @@ class DockerArchiveSource:
     def close(self):
         self.files.close()
 
-    def images(self):
+    def images(self, platform=None):
+        """Every image of the archive (one platform each: ``load`` checks it against its config)."""
         manifest = self.files.read_json("manifest.json")
         if not isinstance(manifest, list) or not manifest:
             raise InvalidInput("manifest.json: expected a non-empty list of images")

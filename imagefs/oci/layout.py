@@ -1,18 +1,19 @@
 """OCI image layouts: ``oci-layout``, ``index.json`` and ``blobs/sha256/<hex>``.
 
-Reading follows the index to image manifests (through nested indexes, picking the
-linux/amd64 entry of a multi-platform one), checks every blob's digest and size,
-and names each image from its annotations: ``io.containerd.image.name`` (a full
+Reading follows the index to image manifests (through nested indexes), taking from
+the entries of a multi-platform index (at any level; at the top, per name) the
+requested platform's (the host's by default). It checks every blob's digest and
+size, and names each image from its annotations: ``io.containerd.image.name`` (a full
 reference), else ``org.opencontainers.image.ref.name`` (often only a tag).
 Writing makes a layout directory (or a tar of one) with sorted, fixed-order JSON so
 that the same image gives the same bytes.
 """
 import json
 import os
-import platform
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, NotFound
 from .digests import check_digest, hex_of, verify
+from .platform import describe, host_platform
 from .source import SourceImage, SourceLayer, parse_json
 
 LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
@@ -30,11 +31,6 @@ ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
 
 def blob_path(digest):
     return f"blobs/sha256/{hex_of(digest)}"
-
-
-def host_platform():
-    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
-    return "linux", arch
 
 
 class OCILayoutSource:
@@ -56,16 +52,23 @@ class OCILayoutSource:
             raise InvalidInput(f"{what} {digest}: size mismatch: expected {descriptor['size']}, got {len(data)}")
         return verify(data, digest, f"{what} {digest}")
 
-    def images(self):
+    def images(self, platform=None):
+        """The images of the layout; from a multi-platform index, ``platform``'s (the host's
+        by default)."""
+        platform = platform or host_platform()
         index = self.files.read_json("index.json")
-        out = []
+        by_name = {}        # a layout's top index may hold several images, each for several platforms
         for desc in _manifests_of(index, "index.json"):
-            out.extend(self._images_of(desc, depth=0))
+            by_name.setdefault(tuple(_names_of(desc)), []).append(desc)
+        out = []
+        for entries in by_name.values():
+            for desc in _pick_platform(entries, platform, self.files.path):
+                out.extend(self._images_of(desc, platform, depth=0))
         if not out:
             raise InvalidInput(f"{self.files.path}: the index holds no image")
         return out
 
-    def _images_of(self, desc, depth, names=None):
+    def _images_of(self, desc, platform, depth, names=None):
         names = list(names or _names_of(desc))
         media = desc.get("mediaType")
         data = self._blob(desc, "manifest")
@@ -74,9 +77,11 @@ class OCILayoutSource:
         if media in INDEXES or "manifests" in doc:
             if depth > 4:
                 raise InvalidInput("image indexes nested too deeply")
-            chosen = _pick_platform(_manifests_of(doc, f"index {desc['digest']}"))
-            return [img for d in chosen for img in self._images_of(d, depth + 1, names)]
-        return [self._image(doc, data, names)]
+            chosen = _pick_platform(_manifests_of(doc, f"index {desc['digest']}"), platform, self.files.path)
+            return [img for d in chosen for img in self._images_of(d, platform, depth + 1, names)]
+        image = self._image(doc, data, names)
+        image.platform = desc.get("platform") if isinstance(desc.get("platform"), dict) else None
+        return [image]
 
     def _image(self, manifest, manifest_bytes, names):
         config = self._blob(manifest.get("config"), "config")
@@ -104,7 +109,7 @@ def diff_ids_of(config_bytes, what):
 
 def _manifests_of(index, what):
     manifests = index.get("manifests") if isinstance(index, dict) else None
-    if not isinstance(manifests, list):
+    if not isinstance(manifests, list) or not all(isinstance(m, dict) for m in manifests):
         raise InvalidInput(f"{what}: no manifests list")
     return manifests
 
@@ -115,15 +120,15 @@ def _names_of(desc):
     return [name] if name else []
 
 
-def _pick_platform(manifests):
-    os_name, arch = host_platform()
+def _pick_platform(manifests, wanted, where):
+    """The entry of ``wanted`` from a multi-platform index (all entries of one without platforms)."""
     with_platform = [m for m in manifests if isinstance(m.get("platform"), dict)]
     if not with_platform:
         return manifests
-    match = [m for m in with_platform if m["platform"].get("os") == os_name
-             and m["platform"].get("architecture") == arch]
+    match = [m for m in with_platform if wanted.matches(m["platform"])]
     if not match:
-        raise InvalidInput(f"the image index has no {os_name}/{arch} image")
+        have = ", ".join(dict.fromkeys(describe(m) for m in with_platform))
+        raise NotFound(f"{where}: no {wanted} image in its index (it has {have}); choose one with --platform")
     return match[:1]
 
 

@@ -8,6 +8,14 @@ decompressed (gzip, zstd or plain) into the layer writer, which checks the sha25
 the uncompressed tar against the config's diffID; a mismatch fails that layer
 before it is sealed, leaving no image of it. The config and manifest are kept in the
 store, and each name the source gives (or ``tags``) becomes a reference.
+
+Loads run side by side: each layer is looked for and written under a lock of its
+chain ID (``RefStore.layer_lock``), so when two loads meet the same new layer one
+writes it and the other waits, then finds it and reuses it.
+
+From a multi-platform index the host's platform is loaded, or ``platform``
+(``OS/ARCH[/VARIANT]``); an explicit platform is also checked against the configs
+of sources without an index (docker archives).
 """
 import logging
 import os
@@ -17,8 +25,9 @@ from ..errors import InvalidInput, NotFound
 from ..ids import SCRATCH
 from .compression import DecompressingReader
 from .digests import VerifyingReader, chain_ids, layer_image_id
+from .platform import Platform, parse_platform
 from .refs import RefStore, normalize_ref
-from .source import open_source
+from .source import open_source, parse_json
 
 log = logging.getLogger("imagefs.oci")
 CHUNK = 1 << 20
@@ -32,18 +41,22 @@ class Loaded:
     written: int        # how many of them were new
 
 
-def load(images, store, src, *, tags=(), name=None, progress=None):
+def load(images, store, src, *, tags=(), name=None, platform=None, progress=None):
     """Load every image at ``src`` into ``store`` (an ImageStore and a store name).
 
     ``name`` completes references that are only a tag (OCI layouts often name an image
     ``latest``); it defaults to the source's file name. ``tags`` are extra references,
-    for a source with a single image. ``progress`` gets ``start(label, total)``,
+    for a source with a single image. ``platform`` (``OS/ARCH[/VARIANT]``) picks from
+    multi-platform indexes (default: the host's). ``progress`` gets ``start(label, total)``,
     ``update(nbytes)`` and ``done()``.
     """
+    wanted = platform if platform is None or isinstance(platform, Platform) else parse_platform(platform)
     refs = RefStore(images, store)
     source = open_source(src)
     try:
-        found = source.images()
+        found = source.images(wanted)
+        if wanted is not None:
+            found = _of_platform(found, wanted, src)
         if tags and len(found) != 1:
             raise InvalidInput(f"{src} holds {len(found)} images; --tag needs exactly one")
         default_name = name or _name_from_path(src)
@@ -61,17 +74,34 @@ def _load_image(images, refs, store, img, names, progress):
     ids = [layer_image_id(c) for c in chain_ids(diff_ids)]
     parent, written = SCRATCH, 0
     for n, (layer, image_id) in enumerate(zip(img.layers, ids), 1):
-        if _present(images, store, image_id, parent):
-            log.info("layer %d/%d %s: already in store %s", n, len(ids), image_id[:12], store)
-        else:
-            _write_layer(images, store, parent, image_id, layer, f"layer {n}/{len(ids)} {image_id[:12]}", progress)
-            written += 1
+        label = f"layer {n}/{len(ids)} {image_id[:12]}"
+        with refs.layer_lock(image_id):
+            if _present(images, store, image_id, parent):
+                log.info("%s: already in store %s", label, store)
+            else:
+                _write_layer(images, store, parent, image_id, layer, label, progress)
+                written += 1
         parent = image_id
     top = ids[-1] if ids else SCRATCH
     config = refs.put_blob(img.config)
     manifest = refs.put_blob(img.manifest) if img.manifest is not None else None
     made = [refs.tag(top, n, config=config, manifest=manifest).name for n in dict.fromkeys(names)]
     return Loaded(top, made, ids, written)
+
+
+def _of_platform(found, wanted, src):
+    """The images that are for ``wanted`` (an explicit ``--platform``): picked by it from an
+    index, or (sources without one) saying so in their config."""
+    def config_platform(img):
+        config = parse_json(img.config, "config")
+        return {k: config.get(k) for k in ("os", "architecture", "variant")} if isinstance(config, dict) else {}
+
+    kept = [img for img in found if img.platform is not None or wanted.matches(config_platform(img))]
+    if not kept:
+        have = ", ".join(dict.fromkeys("/".join(v for v in config_platform(img).values() if isinstance(v, str))
+                                       or "(no platform)" for img in found))
+        raise NotFound(f"{src}: no {wanted} image (it has {have})")
+    return kept
 
 
 def _present(images, store, image_id, parent):

@@ -4,6 +4,7 @@ Beside ``images/`` a store holds::
 
     VIC/<store>/refs/<name:tag, '/' as %2F>   JSON: {"image": <id>, "config": <digest>, "manifest": <digest>}
     VIC/<store>/blobs/sha256/<hex>            image configs and manifests, as loaded
+    VIC/<store>/blobs/locks/<2 hex digits>    lock files of loads writing layers (see layer_lock)
 
 A reference names an image (its top layer) plus, for loaded images, the config and
 manifest they came with: two images with the same layers and different configs are
@@ -11,13 +12,17 @@ two references to one layer image. An image that references name cannot be delet
 until it is untagged.
 """
 import json
+import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 from ..errors import InvalidInput, NotFound
 from ..ids import check_id
 from .digests import check_digest, digest_of, hex_of
+
+log = logging.getLogger("imagefs.oci")
 
 DEFAULT_TAG = "latest"
 MAX_REF = 255
@@ -85,6 +90,23 @@ class RefStore:
             return self.ds.read_file(_blob(self.store, digest))
         except NotFound:
             raise NotFound(f"blob {digest} is not kept in store {self.store}") from None
+
+    @contextmanager
+    def layer_lock(self, image_id):
+        """Held by a load while it looks for layer ``image_id`` and writes it if missing, so a
+        second load of the same layer waits and then reuses it. Layers share one of 256 lock
+        files by their IDs' first two hex digits (a bounded set, nothing to clean up): two
+        loads of unrelated layers wait for each other once in 256."""
+        locks = f"VIC/{self.store}/blobs/locks"
+        self.ds.mkdir(locks, parents=True)
+        path = f"{locks}/{image_id[:2]}"
+        with self.ds.lock(path, exclusive=True, blocking=False) as got:
+            if got:
+                yield
+                return
+        log.info("layer %s: waiting for another load writing a layer", image_id[:12])
+        with self.ds.lock(path, exclusive=True):
+            yield
 
     # --- references ---------------------------------------------------------------------------
     def list(self):

@@ -25,7 +25,8 @@ from ..errors import InvalidInput
 from ..ids import SCRATCH
 from .dockerarchive import manifest_entry
 from .layout import (ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF, MT_CONFIG, MT_INDEX, MT_LAYER, MT_MANIFEST,
-                     LAYOUT_VERSION, blob_path, canonical_json, host_platform)
+                     LAYOUT_VERSION, blob_path, canonical_json)
+from .platform import host_platform
 from .refs import RefStore
 from .source import parse_json
 
@@ -122,8 +123,8 @@ def _digest(data):
 
 
 def _minimal_config():
-    os_name, arch = host_platform()
-    return {"architecture": arch, "os": os_name, "config": {}}
+    host = host_platform()
+    return {"architecture": host.architecture, "os": host.os, "config": {}}
 
 
 def _repositories(names, diff_ids):

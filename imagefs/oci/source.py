@@ -31,6 +31,7 @@ class SourceImage:
     config: bytes                  # verified
     manifest: bytes | None         # verified OCI manifest, None for plain docker archives
     layers: list = field(default_factory=list)
+    platform: dict | None = None   # the index entry's platform it was picked by, if any
 
 
 class Files:

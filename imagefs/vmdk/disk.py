@@ -1,0 +1,208 @@
+"""One disk of a chain: its descriptor facts (open_disk) and its extents (Disk).
+
+A disk is named by one file: a text descriptor listing extent files, or a hosted
+sparse file (KDMV) carrying its own descriptor. ``open_disk`` reads only the start
+of that file (one read) and returns the facts a store needs: create type, CID,
+parentCID, parent hint, capacity and extent files. ``Disk`` opens the extents too.
+"""
+import posixpath
+from bisect import bisect_right
+from dataclasses import dataclass
+
+from ..errors import CorruptDisk
+from . import cowd, hosted_sparse, sesparse
+from .descriptor import MAX_DESCRIPTOR, NO_PARENT_CID, Descriptor, ExtentLine, parse_descriptor
+from .flat import FlatExtent, ZeroExtent
+from .hints import resolve_hint
+from .runs import HOLE, SECTOR
+
+FIRST_READ = 64 * 1024          # header and embedded descriptor in one read
+_EXTENT_TYPE_OF_CREATE = {
+    "monolithicSparse": {"SPARSE"}, "streamOptimized": {"SPARSE"}, "twoGbMaxExtentSparse": {"SPARSE"},
+    "monolithicFlat": {"FLAT"}, "twoGbMaxExtentFlat": {"FLAT"}, "vmfs": {"VMFS", "FLAT"},
+    "vmfsThin": {"VMFS", "FLAT"}, "vmfsSparse": {"VMFSSPARSE"}, "seSparse": {"SESPARSE"},
+}
+
+
+@dataclass
+class DiskInfo:
+    """What a disk's own file says about it; no grain table is read to know it."""
+    path: str                   # datastore-relative path of the disk's (descriptor) file
+    descriptor: Descriptor
+    embedded: bool              # the descriptor sits inside a hosted sparse file
+    extent_files: tuple         # datastore-relative paths of its extent files, in order
+
+    @property
+    def create_type(self):
+        return self.descriptor.create_type or ("monolithicSparse" if self.embedded else "")
+
+    @property
+    def cid(self):
+        return self.descriptor.cid
+
+    @property
+    def parent_cid(self):
+        return self.descriptor.parent_cid
+
+    @property
+    def parent_hint(self):
+        return self.descriptor.parent_hint
+
+    @property
+    def has_parent(self):
+        return self.parent_cid != NO_PARENT_CID and self.parent_hint is not None
+
+    @property
+    def capacity(self):
+        """Bytes of the virtual disk."""
+        return self.descriptor.sectors * SECTOR
+
+    def parent_path(self, names=None):
+        """The parent's datastore-relative path, or None for a base disk (CorruptDisk if
+        the hint leaves the datastore)."""
+        return resolve_hint(self.path, self.parent_hint, names) if self.has_parent else None
+
+
+def open_disk(path, opener, names=None):
+    """The DiskInfo of the disk named by ``path`` (reads the start of one file).
+    FileNotFoundError if that file is gone (another process may have deleted the image:
+    the caller decides); in a chain a missing file is CorruptDisk instead."""
+    handle = _open(opener, path, missing_ok=True)
+    try:
+        info, _ = _read_info(path, handle, names)
+        return info
+    finally:
+        handle.close()
+
+
+def _read_info(path, handle, names):
+    head = handle.pread(0, FIRST_READ)
+    if head[:4] == hosted_sparse.MAGIC:
+        header = hosted_sparse.SparseHeader(head, path)
+        span = header.descriptor_span()
+        if span is None:
+            raise CorruptDisk(f"{path}: hosted sparse disk without an embedded descriptor")
+        off, size = span
+        raw = head[off:off + size] if off + size <= len(head) else handle.pread(off, size)
+        desc = parse_descriptor(raw, path)
+        if not desc.extents:  # qemu writes one; an older tool might not
+            desc.extents.append(ExtentLine("RW", header.capacity, "SPARSE", posixpath.basename(path)))
+        if len(desc.extents) != 1 or desc.extents[0].type != "SPARSE":
+            raise CorruptDisk(f"{path}: a hosted sparse file must describe itself as its only extent")
+        return DiskInfo(path, desc, True, (path,)), head
+    if head[:4] == cowd.MAGIC or sesparse.is_sesparse(head):
+        raise CorruptDisk(f"{path}: a bare delta extent; open its descriptor file instead")
+    if not head.split(b"\0", 1)[0].strip():     # qemu pads descriptors with NULs; raw data starts with some
+        raise CorruptDisk(f"{path}: not a VMDK (no descriptor or known header)")
+    if len(head) == FIRST_READ:
+        head = handle.pread(0, MAX_DESCRIPTOR + 1)
+    desc = parse_descriptor(head, path)
+    if not desc.extents:
+        raise CorruptDisk(f"{path}: descriptor lists no extents")
+    allowed = _EXTENT_TYPE_OF_CREATE.get(desc.create_type)
+    if allowed is None:
+        raise CorruptDisk(f"{path}: descriptor has no supported createType")
+    for line in desc.extents:
+        if line.type != "ZERO" and line.type not in allowed:
+            raise CorruptDisk(f"{path}: extent type {line.type} does not belong in a {desc.create_type} disk")
+        if line.access == "NOACCESS":
+            raise CorruptDisk(f"{path}: extent {line.filename} is marked NOACCESS")
+    files = tuple(resolve_hint(path, line.filename, names, what="extent file")
+                  for line in desc.extents if line.type != "ZERO")
+    return DiskInfo(path, desc, False, files), None
+
+
+class Disk:
+    """A disk with its extents open: ``runs(lo, hi)`` over the whole virtual disk."""
+
+    def __init__(self, path, opener, names=None):
+        self.extents = []
+        handle = _open(opener, path)
+        try:
+            self.info, head = _read_info(path, handle, names)
+            if self.info.embedded:
+                line = self.info.descriptor.extents[0]
+                self.extents.append(hosted_sparse.HostedSparseExtent(path, handle, line.sectors, head))
+                handle = None
+            else:
+                handle.close()
+                handle = None
+                files = iter(self.info.extent_files)
+                for line in self.info.descriptor.extents:
+                    self.extents.append(ZeroExtent(line.sectors) if line.type == "ZERO"
+                                        else _open_extent(line, next(files), opener))
+        except BaseException:
+            if handle is not None:
+                handle.close()
+            self.close()
+            raise
+        self.starts = []
+        pos = 0
+        for extent in self.extents:
+            self.starts.append(pos)
+            pos += extent.size
+        self.size = pos
+
+    # the facts, for callers that hold a Disk
+    path = property(lambda self: self.info.path)
+    cid = property(lambda self: self.info.cid)
+    parent_cid = property(lambda self: self.info.parent_cid)
+    parent_hint = property(lambda self: self.info.parent_hint)
+    create_type = property(lambda self: self.info.create_type)
+
+    def runs(self, lo, hi):
+        """Runs of [lo, hi) of the virtual disk, positions absolute (see runs.py)."""
+        out = []
+        i = bisect_right(self.starts, lo) - 1
+        while lo < hi and i < len(self.extents):
+            start, extent = self.starts[i], self.extents[i]
+            end = min(hi, start + extent.size)
+            if end > lo:
+                for rs, re_, kind, src, where in extent.runs(lo - start, end - start):
+                    out.append((rs + start, re_ + start, kind, src, where))
+                lo = end
+            i += 1
+        if lo < hi:
+            out.append((lo, hi, HOLE, None, 0))
+        return out
+
+    def allocated(self):
+        """Byte ranges of the virtual disk this disk holds itself."""
+        return [(s + a, s + b) for s, e in zip(self.starts, self.extents) for a, b in e.allocated()]
+
+    def close(self):
+        for extent in self.extents:
+            try:
+                extent.close()
+            except OSError:
+                pass
+        self.extents = []
+
+
+def _open_extent(line, path, opener):
+    handle = _open(opener, path, what="extent file")
+    try:
+        if line.type in ("FLAT", "VMFS"):
+            return FlatExtent(path, handle, line.sectors, line.offset)
+        head = handle.pread(0, SECTOR * 4)
+        if line.type == "SPARSE" and head[:4] == hosted_sparse.MAGIC:
+            return hosted_sparse.HostedSparseExtent(path, handle, line.sectors, head)
+        if line.type in ("SPARSE", "VMFSSPARSE") and head[:4] == cowd.MAGIC:
+            return cowd.CowdExtent(path, handle, line.sectors, head)
+        if line.type == "SESPARSE":
+            return sesparse.SesparseExtent(path, handle, line.sectors, head)
+        raise CorruptDisk(f"{path}: not a {line.type} extent (unknown header)")
+    except BaseException:
+        handle.close()
+        raise
+
+
+def _open(opener, path, what="disk file", missing_ok=False):
+    try:
+        return opener(path)
+    except FileNotFoundError:
+        if missing_ok:
+            raise
+        raise CorruptDisk(f"{path}: {what} is missing (broken chain)") from None
+    except OSError as e:        # a name that opens no file (too long, a directory, no permission...)
+        raise CorruptDisk(f"{path[:200]}: cannot open the {what} ({e.strerror or e})") from None

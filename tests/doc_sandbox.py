@@ -1,0 +1,69 @@
+"""A sandbox in which documented commands run as written, absolute paths and all.
+
+``run_sandboxed(script, shell)`` runs a shell script in new mount and PID namespaces
+(``unshare``). There /etc, /opt, /usr/sbin (so /sbin), /var/lib, /var/tmp and the
+checkout are overlays whose writes land in a tmpfs of the sandbox's own, so a doc can write
+/etc/fstab, install /sbin/mount.fuse.imagefs, keep a datastore in /var/lib/imagefs or
+run scripts/quickstart.sh without touching the machine; /tmp is an empty tmpfs, as
+after a boot, HOME an empty directory in it, and /opt/imagefs the checkout (as the
+systemd unit example names it). Mounts made
+inside are seen by nobody else. At the end every imagefs mount made inside is
+unmounted lazily and its daemon given time to finish, and whatever still runs dies
+with the PID namespace. Directories the script made under /mnt (mountpoints; /mnt
+itself is left as the host has it) are removed if empty.
+"""
+import os
+import subprocess
+import tempfile
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERLAID = ("/etc", "/opt", "/usr/sbin", "/var/lib", CHECKOUT, "/var/tmp")   # /var/tmp, home of the sandbox's tmpfs, last
+
+_SETUP = r"""
+set -e
+base=$1 shell=$2 script=$3 workdir=$4
+mount -t tmpfs -o mode=0755 imagefs-sandbox "$base"
+for d in $OVERLAID; do
+    key=$(printf %s "$d" | tr / _)
+    mkdir -p "$base/upper$key" "$base/work$key"
+    mount -t overlay overlay -o "lowerdir=$d,upperdir=$base/upper$key,workdir=$base/work$key" "$d"
+done
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+mkdir -p /opt/imagefs /tmp/home "$workdir"
+mount --bind "$CHECKOUT" /opt/imagefs
+imagefs_mounts() {   # mountpoints of fuse.imagefs mounts, deepest first
+    awk '{for (i = 7; i < NF; i++) if ($i == "-") { if ($(i + 1) == "fuse.imagefs") print $5; break }}' \
+        /proc/self/mountinfo | sort -r
+}
+mounts_before=$(imagefs_mounts)
+mnt_before=$(ls -A /mnt)
+set +e
+(cd "$workdir" && HOME=/tmp/home "$shell" "$script")
+rc=$?
+for mp in $(imagefs_mounts); do
+    case " $(echo $mounts_before) " in *" $mp "*) continue;; esac
+    pid=$(getfattr --only-values -n user.imagefs.pid "$mp" 2>/dev/null)
+    umount -l "$mp"
+    for i in $(seq 100); do [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+done
+for d in $(ls -A /mnt); do
+    case " $(echo $mnt_before) " in *" $d "*) ;; *) rmdir "/mnt/$d" 2>/dev/null;; esac
+done
+exit $rc
+"""
+
+
+def run_sandboxed(script, shell="sh", workdir=CHECKOUT, env=None, timeout=900):
+    """Run ``script`` (text) with ``shell`` in ``workdir`` inside a new sandbox; a CompletedProcess."""
+    base = tempfile.mkdtemp(prefix="imagefs-sandbox-", dir="/var/tmp")
+    try:
+        path = os.path.join(base + ".sh")
+        with open(path, "w") as f:
+            f.write(script)
+        env = dict(env if env is not None else os.environ, OVERLAID=" ".join(OVERLAID), CHECKOUT=CHECKOUT)
+        argv = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc",
+                "sh", "-c", _SETUP, "sandbox", base, shell, path, workdir]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        os.rmdir(base)
+        os.remove(base + ".sh")
