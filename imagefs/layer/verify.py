@@ -33,11 +33,13 @@ class LayerMismatch(ImageFSError):
 
 
 def open_sealed(vmdk: str) -> ImageTree:
+    """The tree of the chain ending at host file ``vmdk``. Chains resolve parent hints inside
+    a datastore, so the host's "/" plays that part here."""
     def opener(path):
         from ..datastore.local import LocalReadHandle
-        return LocalReadHandle(path)
+        return LocalReadHandle("/" + path)
     # each inode is read about once: a small cache, as several imports may verify at once
-    return ImageTree(DiskChain(os.path.abspath(vmdk), opener), name=os.path.basename(vmdk),
+    return ImageTree(DiskChain(os.path.abspath(vmdk).lstrip("/"), opener), name=os.path.basename(vmdk),
                      cache=Cache(VERIFY_CACHE))
 
 
