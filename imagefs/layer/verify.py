@@ -13,6 +13,7 @@ Only what the tar touched is read, so the cost follows the layer, not the image.
 """
 import os
 import stat
+from collections import OrderedDict
 
 from ..cache import Cache
 from ..errors import CorruptDisk, ImageFSError, NotFound
@@ -23,6 +24,8 @@ from .model import KIND_BLK, KIND_CHR, KIND_DIR, KIND_FIFO, KIND_LNK, KIND_REG, 
 
 READ_SIZE = 1 << 20
 VERIFY_CACHE = 1 << 20
+DIRS_KEPT = 16
+_UNKNOWN = object()
 _FMT = {KIND_DIR: stat.S_IFDIR, KIND_REG: stat.S_IFREG, KIND_LNK: stat.S_IFLNK, KIND_CHR: stat.S_IFCHR,
         KIND_BLK: stat.S_IFBLK, KIND_FIFO: stat.S_IFIFO}
 MAX_REPORTED = 3
@@ -56,7 +59,7 @@ class _Verifier:
     def __init__(self, tree: ImageTree, model: LayerModel):
         self.tree, self.model = tree, model
         self.problems: list[str] = []
-        self.inos: dict[bytes, int] = {}
+        self._dirs: OrderedDict[bytes, dict | None] = OrderedDict()   # recent directories' indexes
 
     def run(self) -> int:
         checked = 0
@@ -83,15 +86,30 @@ class _Verifier:
         self.problems.append(f"/{os.fsdecode(path)} {what}")
 
     def _lookup(self, path: bytes) -> int | None:
-        if path in self.inos:
-            return self.inos[path]
+        """The inode at ``path``, or None. The model's paths come sorted, so siblings come
+        together: each directory is indexed once while its entries are checked, whatever
+        its size and whatever the tree's cache keeps."""
+        if not path:
+            return ROOT_INO
+        parent, _, name = path.rpartition(b"/")
+        index = self._dirs.get(parent, _UNKNOWN)
+        if index is _UNKNOWN:
+            index = self._index(parent)
+            self._dirs[parent] = index
+            if len(self._dirs) > DIRS_KEPT:
+                self._dirs.popitem(last=False)
+        else:
+            self._dirs.move_to_end(parent)
+        return None if index is None else index.get(name)
+
+    def _index(self, path: bytes) -> dict | None:
         try:
             ino = self.tree.resolve(path) if path else ROOT_INO
         except (NotFound, ImageFSError):
-            ino = None
-        if len(self.inos) < 65536:
-            self.inos[path] = ino
-        return ino
+            return None
+        if not self.tree.stat(ino).is_dir:
+            return None
+        return dict(self.tree.readdir(ino))
 
     def _node(self, n: dict) -> None:
         path = n["path"]
