@@ -3,12 +3,14 @@
 Every failure is one line on stderr (``imagefs: <reason>``) and an exit code that
 says what kind of failure it was (``EXIT_CODES``, documented in docs/cli.md).
 Listings and info commands take ``--json``. Progress of long transfers goes to
-stderr when it is a terminal (``-q`` silences it), never to stdout.
+stderr when it is a terminal (``-q`` silences it), never to stdout. Ctrl-C, SIGTERM and
+SIGHUP unwind like an error (exit 128 + the signal's number), so nothing half-made is left.
 """
 import argparse
 import json
 import logging
 import os
+import signal
 import stat
 import sys
 
@@ -114,6 +116,24 @@ def cmd_store_rm(args):
 def cmd_store_usage(args):
     usage = _open_store(args).usage(args.name)
     _emit(args, {"store": args.name, "usage": usage}, [usage])
+
+
+def cmd_store_check(args):
+    from .check import check_store
+    from .datastore import open_datastore
+    from .store import ImageStore
+    st = ImageStore(open_datastore(_datastore_spec(args)), recover=False)
+    report = check_store(st, args.name, repair=args.repair, data=not args.no_data)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+    else:
+        for problem in report.problems:
+            print(problem.line())
+        repaired = sum(p.repaired for p in report.problems)
+        print(f"store {args.name}: {report.images_checked} images checked, {len(report.problems)} problems"
+              + (f", {repaired} repaired" if args.repair else "")
+              + (f", {len(report.in_progress)} being written" if report.in_progress else ""))
+    return 0 if report.ok else 1
 
 
 # --- images -------------------------------------------------------------------------------------
@@ -468,6 +488,12 @@ def build_parser():
     c.add_argument("name")
     _json_flag(c)
     c.set_defaults(func=cmd_store_usage)
+    c = store.add_parser("check", help="verify every image; list broken images and leftovers (exit 1 if any)")
+    c.add_argument("name")
+    c.add_argument("--repair", action="store_true", help="remove what is provably debris of killed writers")
+    _json_flag(c)
+    c.add_argument("--no-data", action="store_true", help="read the trees' metadata but not the file data")
+    c.set_defaults(func=cmd_store_check)
 
     image = sub.add_parser("image", help="images").add_subparsers(dest="sub", required=True, metavar="SUB")
     c = image.add_parser("write", help="write a layer from a tar (plain, gzip, bzip2, xz or zstd)")
@@ -594,7 +620,36 @@ def build_parser():
     return p
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP (``timeout``, ``kill``, a closed terminal), raised where the main
+    thread is, so every ``with`` and ``finally`` on the way out runs, as for Ctrl-C."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, _frame):
+    raise _Terminated(signum)
+
+
+def _say(message):
+    try:
+        print(message, file=sys.stderr)
+    except OSError:
+        pass                                 # the terminal may be gone (SIGHUP)
+
+
 def main(argv=None):
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -613,8 +668,11 @@ def main(argv=None):
         print(f"imagefs: {e}", file=sys.stderr)
         return exit_code(e)
     except KeyboardInterrupt:
-        print("imagefs: interrupted", file=sys.stderr)
+        _say("imagefs: interrupted")
         return EXIT_INTERRUPTED
+    except _Terminated as t:
+        _say(f"imagefs: stopped by {signal.Signals(t.signum).name}")
+        return 128 + t.signum
     except BrokenPipeError:
         return EXIT_FAILED
     except OSError as e:

@@ -11,15 +11,19 @@ Layout on a datastore (compatible with VIC's port layer)::
 Parentage comes from the disk chain (``parentFileNameHint``), never from metadata.
 A layer is sealed before any child is made of it and never opened writable again.
 """
+import errno
 import logging
 import posixpath
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 from . import scratch as scratch_disk
-from .errors import CorruptDisk, Exists, ImageFSError, InUse, InvalidInput, NotFound, ReadOnly
+from .crashpoints import crash_point
+from .errors import CorruptDisk, Exists, ImageFSError, InUse, InvalidInput, NoSpace, NotFound, ReadOnly
 from .ids import SCRATCH, check_id
+from .layer.recover import recover_work_dirs
+from .layer.tools import hold_interrupts
 from .tree import ImageTree
 from .datastore.local import LocalDatastore
 from .diskpool import DiskPool
@@ -30,6 +34,7 @@ log = logging.getLogger("imagefs.store")
 
 ROOT_DIR = "VIC"
 DISK_SUFFIX = ".vmdk"
+CLAIM = ".writing"
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,15 @@ def _disk_path(store, image_id):
     return f"{_image_dir(store, image_id)}/{image_id}.vmdk"
 
 
+def _store_lock(store):
+    return f"{_store_dir(store)}/.lock"
+
+
+def _claim_path(store, image_id):
+    """Held (flock) by the writer of an image until the image is complete."""
+    return f"{_image_dir(store, image_id)}/{CLAIM}"
+
+
 def _format_file(store):
     return f"{_store_dir(store)}/diskFormat"
 
@@ -113,9 +127,10 @@ def _container_disk(container_id):
 class ImageStore:
     """All image stores of one datastore."""
 
-    def __init__(self, datastore, *, writer_method=None, workdir=None, catalogue_ttl=0.0):
+    def __init__(self, datastore, *, writer_method=None, workdir=None, catalogue_ttl=0.0, recover=True):
         """``catalogue_ttl``: how long a store's catalogue may be reused (seconds); changes
-        made through this object are seen at once, others' after at most that long."""
+        made through this object are seen at once, others' after at most that long.
+        ``recover=False`` leaves what killed writers left alone (``store check`` reports it)."""
         self.ds = datastore
         self.writer_method = writer_method
         self.workdir = workdir
@@ -125,7 +140,10 @@ class ImageStore:
         self._containers = None       # (monotonic time listed, [Container])
         self._parents = {}            # (disk, size, mtime) -> parent disk path or None
         self.disks = DiskPool(self.ds.open_read, self.ds.hint_names)   # the layer disks read, shared
+        self._recover = recover
         self.ds.mkdir(ROOT_DIR, parents=True)
+        if recover:
+            recover_work_dirs(workdir)      # what killed writers of this machine left running
 
     # --- image stores -------------------------------------------------------------------
     def create_store(self, name, capacity=scratch_disk.DEFAULT_CAPACITY, disk_format=None):
@@ -196,12 +214,17 @@ class ImageStore:
     def list_stores(self):
         return [n for n in self.ds.listdir(ROOT_DIR) if self.ds.is_dir(_images_dir(n))]
 
+    def recover(self):
+        """Clean every store now (the mount does this at start), rather than each at first use."""
+        for name in self.list_stores():
+            self.get_store(name)
+
     def get_store(self, name):
         """Check that store ``name`` exists; the first time, remove half-made images (no manifest)."""
         check_id(name, "store name")
         if not self.ds.is_dir(_images_dir(name)):
             raise NotFound(f"image store {name} not found")
-        if name not in self._cleaned:
+        if self._recover and name not in self._cleaned:
             self._cleanup(name)
             self._cleaned.add(name)
         return name
@@ -215,31 +238,88 @@ class ImageStore:
             raise InUse(f"image store {name} is in use by containers: {', '.join(c.id for c in containers)}")
         if images and not force:
             raise InUse(f"image store {name} still holds {len(images)} image(s); delete them first or force")
-        with self.ds.lock(f"{_store_dir(name)}/.lock", exclusive=True, blocking=False) as got:
-            if not got:
-                raise InUse(f"image store {name} has a layer write in progress")
+        with self.ds.lock(_store_lock(name), exclusive=True):
+            writing = [i for i in self._incomplete_ids(name) if self._is_being_written(name, i)]
+            if writing:
+                raise InUse(f"image store {name} has a layer write in progress ({', '.join(writing)})")
             self.ds.rmtree(_store_dir(name))
         self._cleaned.discard(name)
         self._changed(name)
         log.info("deleted image store %s", name)
 
+    # --- half-made images ---------------------------------------------------------------------
+    # A write claims images/<id> under the store lock: it creates the directory and takes
+    # the claim lock (images/<id>/.writing), which it holds until the image is complete or
+    # removed. The store lock is held only for the claim, so a long write never blocks the
+    # clean-up of what a killed writer left: a directory without a manifest whose claim lock
+    # is free is debris.
     def _cleanup(self, store):
-        """Remove image dirs without a manifest (crashed writes); never scratch; skip while writing."""
-        with self.ds.lock(f"{_store_dir(store)}/.lock", exclusive=True, blocking=False) as got:
-            if not got:
-                return  # a write is in progress; its half-made dir is not garbage yet
-            for image_id, held in self._walk_images(store).items():
-                d = _image_dir(store, image_id)
-                if "manifest" in held and f"{image_id}{DISK_SUFFIX}" in held:
-                    continue
+        """Remove half-made images (no manifest) of dead writers; never scratch."""
+        with self.ds.lock(_store_lock(store), exclusive=True):
+            for image_id in self._incomplete_ids(store):
                 if image_id == SCRATCH:
                     log.warning("store %s: scratch is incomplete; the store is probably unusable", store)
-                    continue
-                if self.ds.is_link(d):      # not imagefs's: never followed, never removed
-                    log.warning("store %s: images/%s is a symbolic link; left alone", store, image_id)
-                    continue
-                log.warning("store %s: removing incomplete image %s", store, image_id)
-                self.ds.rmtree(d)
+                elif self._remove_if_debris(store, image_id):
+                    log.warning("store %s: removed incomplete image %s (its writer is gone)", store, image_id)
+            for image_id in self._image_ids(store):
+                self._drop_stale_claim(store, image_id)
+
+    def _incomplete_ids(self, store):
+        """Directories under images/ that are not complete images (no manifest or no disk)."""
+        return [image_id for image_id, held in self._walk_images(store).items()
+                if not ("manifest" in held and f"{image_id}{DISK_SUFFIX}" in held)
+                and self.ds.is_dir(_image_dir(store, image_id))]
+
+    def _is_being_written(self, store, image_id):
+        with self.ds.lock(_claim_path(store, image_id), exclusive=True, blocking=False) as got:
+            return not got
+
+    def _remove_if_debris(self, store, image_id):
+        """Remove images/<id> if it is incomplete and no live writer claims it (caller holds
+        the store lock). True if removed."""
+        d = _image_dir(store, image_id)
+        if self.ds.exists(f"{d}/manifest") and self.ds.exists(_disk_path(store, image_id)):
+            return False
+        if self.ds.is_link(d):          # not imagefs's: never followed, never removed
+            log.warning("store %s: images/%s is a symbolic link; left alone", store, image_id)
+            return False
+        with self.ds.lock(_claim_path(store, image_id), exclusive=True, blocking=False) as got:
+            if not got:
+                return False
+            self.ds.rmtree(d)
+        self._changed(store)
+        return True
+
+    def _drop_stale_claim(self, store, image_id):
+        """A complete image whose writer died between the manifest and dropping its claim."""
+        claim = _claim_path(store, image_id)
+        if self.ds.exists(claim):
+            with self.ds.lock(claim, exclusive=True, blocking=False) as got:
+                if got:
+                    self.ds.remove(claim)
+
+    @contextmanager
+    def _claim(self, store, image_id):
+        """``with self._claim(store, id) as d:`` images/<id> is ours to fill; a taken ID is an
+        error, unless what holds it is debris of a dead writer. On an exception the directory
+        goes; on a clean exit only the claim does (the image is complete by then)."""
+        d = _image_dir(store, image_id)
+        with ExitStack() as claim:
+            with self.ds.lock(_store_lock(store), exclusive=True):
+                try:
+                    self._mkdir_image(d)
+                except Exists:
+                    if not self._remove_if_debris(store, image_id):
+                        raise Exists(f"image {image_id} already exists in store {store}") from None
+                    self._mkdir_image(d)
+                claim.enter_context(self.ds.lock(_claim_path(store, image_id), exclusive=True))
+            try:
+                yield d
+            except BaseException:
+                with hold_interrupts():
+                    self.ds.rmtree(d)
+                raise
+            self.ds.remove(_claim_path(store, image_id))
 
     # --- images -------------------------------------------------------------------------------
     def _image_ids(self, store):
@@ -368,10 +448,11 @@ class ImageStore:
         return {k: self.ds.read_file(f"{d}/{k}") for k in img.metadata_keys}
 
     def write_image(self, store, parent_id, image_id, stream, *, metadata=None, expected_sum=None,
-                    progress=None):
+                    progress=None, on_archive_end=None):
         """Write a new layer ``image_id`` from a tar stream as a child of ``parent_id``.
 
         Metadata is ``key -> bytes``. Any failure leaves no trace of the new image.
+        ``on_archive_end()`` is called once the tar's end-of-archive marker has been read.
         """
         from .layer.writer import write_layer  # heavy imports only when writing
         from .vmdk.hints import relative_hint
@@ -387,33 +468,52 @@ class ImageStore:
             parent = self.get_image(store, parent_id)
         except NotFound:
             raise NotFound(f"parent image {parent_id} not found in store {store}") from None
-        with self.ds.lock(f"{_store_dir(store)}/.lock", exclusive=False), \
-                self.ds.lock(_children_lock(store, parent_id), exclusive=False):   # the parent stays
+        with self.ds.lock(_children_lock(store, parent_id), exclusive=False):      # the parent stays
             if not self.ds.exists(f"{_image_dir(store, parent_id)}/manifest"):
                 raise NotFound(f"parent image {parent_id} not found in store {store}")
-            d = _image_dir(store, image_id)
-            try:
-                self.ds.mkdir(d)
-            except Exists:
-                raise Exists(f"image {image_id} already exists in store {store}") from None
-            try:
+            with self._claim(store, image_id) as d:
                 self.ds.mkdir(f"{d}/imageMetadata")
                 with self.host_chain(parent.disk) as parent_host, self.ds.new_host_dir(d) as host:
                     child = f"{host}/{image_id}{DISK_SUFFIX}"
                     result = write_layer(parent_host, child, stream, expected_sum=expected_sum,
-                                         method=self.writer_method, workdir=self.workdir, progress=progress)
+                                         method=self.writer_method, workdir=self.workdir, progress=progress,
+                                         on_archive_end=on_archive_end)
                     # post-seal: the store's disk format and the parent hint the layer keeps
                     seal_as(child, self.disk_format(store), relative_hint(_disk_path(store, image_id), parent.disk))
-                for key, value in metadata.items():
-                    self.ds.write_file(f"{d}/imageMetadata/{key}", bytes(value))
-                self.ds.write_file(f"{d}/manifest", b"")
-            except BaseException:
-                self.ds.rmtree(d)
-                raise
+                self._commit(d, metadata)
         self._changed(store)
         log.info("wrote image %s/%s (parent %s, %s, %d bytes)", store, image_id, parent_id,
                  result.digest, result.size)
         return self.get_image(store, image_id), result
+
+    def _mkdir_image(self, d):
+        try:
+            self.ds.mkdir(d)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(f"the datastore is full: no room for image {posixpath.basename(d)}") from None
+            raise
+
+    def _commit(self, d, metadata):
+        """Make the written image visible, durably: metadata, then the manifest, each made
+        durable before the next step (docs/design.md says what a power cut leaves)."""
+        try:
+            self._commit_steps(d, metadata)
+        except OSError as err:
+            failure = (NoSpace if err.errno in (errno.ENOSPC, errno.EDQUOT) else ImageFSError)(
+                f"cannot commit image {posixpath.basename(d)}: {err.strerror or err}")
+            raise failure from None
+
+    def _commit_steps(self, d, metadata):
+        for key, value in metadata.items():
+            crash_point("metadata")
+            self.ds.write_file(f"{d}/imageMetadata/{key}", bytes(value))   # file + imageMetadata/
+        self.ds.sync(d)                                  # the disk's and imageMetadata's entries
+        crash_point("manifest")
+        self.ds.write_file(f"{d}/manifest", b"")         # from here on the image exists
+        crash_point("manifest")
+        self.ds.sync(posixpath.dirname(d))               # images/<id> itself
+        crash_point("manifest")
 
     def delete_image(self, store, image_id):
         """Delete one image; InUse while it has children or containers; scratch is refused."""
@@ -518,7 +618,7 @@ class ImageStore:
 
     def usage(self, store):
         """Bytes of all layer VMDKs of a store, scratch excluded (as VIC counts)."""
-        return sum(n for i, n in self.catalogue(store).usage.items() if not i.startswith(SCRATCH))
+        return sum(n for i, n in self.catalogue(store).usage.items() if i != SCRATCH)
 
     def datastore_path(self, store, image_id):
         img = self.get_image(store, image_id)

@@ -63,6 +63,14 @@ def mounted(ds, mnt, options=("allow_other",)):
         unmount(mnt)
 
 
+@contextlib.contextmanager
+def mounted_copy(ds, tmp, options=("allow_other",)):
+    """A copy of datastore ``ds`` in ``tmp`` (for tests that change it), mounted."""
+    subprocess.run(["cp", "-a", "--sparse=always", str(ds), str(tmp / "ds")], check=True)
+    with mounted(tmp / "ds", tmp / "mnt", options) as m:
+        yield m
+
+
 # --- the test images -----------------------------------------------------------------------------
 def _stage_base(root):
     """A directory holding every kind of file the read path must show (needs root)."""

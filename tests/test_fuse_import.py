@@ -108,8 +108,11 @@ def test_failed_import_fails_close_leaves_no_image_and_a_reason(mnt, source, cas
 
 def test_empty_layer_and_pending_imports(mnt):
     imports = image_path(mnt, "base", "import")
-    assert sh(f": > {imports}/empty").returncode == 0            # O_TRUNC and nothing written: an empty layer
+    assert sh(f"tar -cf {imports}/empty -T /dev/null").returncode == 0     # a tar of nothing: an empty layer
     assert os.path.isdir(image_path(mnt, "empty", "rootfs", "files"))
+    sh(f": > {imports}/nothing")                                 # O_TRUNC and no byte: not a tar at all
+    assert not os.path.exists(image_path(mnt, "nothing"))
+    assert "truncated" in open(f"{imports}/nothing.error").read()
     assert sh(f"touch {imports}/pending").returncode == 0        # no O_TRUNC, no bytes: only pending
     assert "pending" in os.listdir(imports) and not os.path.exists(image_path(mnt, "pending"))
     with pytest.raises(PermissionError):

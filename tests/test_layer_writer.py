@@ -351,7 +351,14 @@ def test_failure_leaves_nothing(method, failure, layer_base_disk, tmp_path, work
 
 _INTERRUPTED_WRITER = """
 import io, os, sys, time
+from imagefs.layer import qsd
 from imagefs.layer.writer import write_layer
+
+stop = qsd.StorageDaemon.stop
+def slow_stop(self):            # the unwinding lasts long enough for the second Ctrl-C to land in it
+    time.sleep(0.5)
+    stop(self)
+qsd.StorageDaemon.stop = slow_stop
 
 class Slow(io.RawIOBase):
     def __init__(self, data):

@@ -253,6 +253,9 @@ def test_usage_and_url(st, store):
     ua, ub = st.layer_usage(store, "a"), st.layer_usage(store, "b")
     assert ua > (1 << 20) and ub > 0
     assert st.usage(store) == ua + ub
+    write(st, store, "scratch", "scratch2", layer_tar(2))              # only scratch itself is left out
+    write(st, store, "scratch2", "scratchpad", layer_tar(3))
+    assert st.usage(store) == ua + ub + st.layer_usage(store, "scratch2") + st.layer_usage(store, "scratchpad")
     prefix = "[local] " if st.ds.name == "local" else f"[LocalDS_0] {st.ds.location.path}/"
     assert st.datastore_path(store, "a") == f"{prefix}VIC/s/images/a/a.vmdk"
     from urllib.parse import quote

@@ -117,6 +117,10 @@ class Datastore(ABC):
     def write_file(self, path, data):
         """Write a whole small file atomically and durably."""
 
+    def sync(self, path):
+        """Make a file or directory (its entries) durable; a no-op where every change is
+        durable once the call that made it returns."""
+
     @abstractmethod
     def remove(self, path, missing_ok=True): ...
 

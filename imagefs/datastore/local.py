@@ -198,6 +198,13 @@ class LocalDatastore(Datastore):
         finally:
             os.close(dfd)
 
+    def sync(self, path):
+        fd = os.open(self.local_path(path), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def remove(self, path, missing_ok=True):
         try:
             os.unlink(self._unlinked_path(path))

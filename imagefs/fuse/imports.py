@@ -8,16 +8,22 @@ The life of one import (docs/mount.md has the user's view):
 2. The first write starts ``ImageStore.write_image`` in a worker thread that reads a
    pipe; each FUSE write is pushed into the pipe, and trio waits while the pipe is
    full: that is the backpressure, and memory stays at about one pipe.
-3. The handle that wrote (or was opened with O_TRUNC) commits when the last
-   descriptor sharing it is closed: that flush closes the pipe and waits for the
-   worker, so close() returns the import's result (EINVAL for a bad tar or sum,
-   EEXIST, ENOSPC, EIO...). A handle opened without O_TRUNC that wrote nothing
-   (``touch``) commits nothing.
+3. The handle that wrote (or was opened with O_TRUNC) commits at a flush (a close of
+   one of its descriptors): that flush closes the pipe and waits for the worker, so
+   close() returns the import's result (EINVAL for a bad tar, a truncated one or a
+   wrong sum, EEXIST, ENOSPC, EIO...). Which flush commits: the first one after the
+   worker has read the tar's end-of-archive marker, so the process that delivered the
+   marker (``cat`` in ``sh -c "cat layer.tar > import/x"``) sees the result in its own
+   close, even where the shell keeps another descriptor until after ``cat`` exits
+   (dash). Before the marker, a flush commits only if no other descriptor of the file
+   is left (``{ a; b; } > import/x`` flushes after ``a``). A handle opened without
+   O_TRUNC that wrote nothing (``touch``) commits nothing.
 4. A failure leaves no image and ``import/<new-id>.error`` with the reason (also logged).
 
 Shutting down aborts the sessions still receiving bytes (the writer undoes its work)
 and lets the ones already committing finish.
 """
+import ctypes
 import fcntl
 import itertools
 import logging
@@ -120,6 +126,7 @@ class ImportRegistry:
 
 
 PENDING, RECEIVING, COMMITTING, DONE = "pending", "receiving", "committing", "done"
+ENDED, FINISHED, NEEDS_MORE = "ended", "finished", "needs more"      # where the worker stands at a flush
 
 
 class ImportHandle(Handle):
@@ -161,6 +168,7 @@ class ImportSession:
         self._error = None
         self._aborted = False
         self._write_lock = trio.Lock()
+        self._stream = _StreamState()     # how far the worker has read, shared with its thread
 
     # --- xattrs, before the first byte ------------------------------------------------------
     def xattrs(self):
@@ -244,6 +252,16 @@ class ImportSession:
             if self._error is not None:
                 raise self._result_error()
             return
+        if self.state == RECEIVING:
+            settled = await trio.to_thread.run_sync(self._stream.wait_settled, self.received,
+                                                    abandon_on_cancel=True)
+            if settled == ENDED:       # the tar is whole: this close is the writer's, it gets the result
+                await self._commit()
+                return
+            if settled == FINISHED:    # the worker failed already: say so now, not at a later close
+                await self._done.wait()
+                if self._error is not None:
+                    raise self._result_error()
         suffix = f"/{self.ref.store}/images/{self.ref.id}/import/{self.new_id}"
         if await trio.to_thread.run_sync(holders.held_elsewhere, suffix, handle.ino):
             return                     # another descriptor still shares it: commit at its close
@@ -303,6 +321,7 @@ class ImportSession:
         else:
             log.info("import %s/%s (child of %s): sealed, %d bytes", self.ref.store, self.new_id, self.ref.id,
                      self.received)
+        self._stream.finish()
         self.state = DONE
         if self._send is not None:
             await self._send.aclose()
@@ -317,9 +336,12 @@ class ImportSession:
         reader = _PipeReader(read_fd, self)
         try:
             self.registry.store.write_image(self.ref.store, self.ref.id, self.new_id, reader,
-                                            metadata=dict(self.metadata), expected_sum=self.expected_sum)
+                                            metadata=dict(self.metadata), expected_sum=self.expected_sum,
+                                            on_archive_end=self._stream.archive_ended)
         finally:
             reader.close()             # a writer still sending now gets EPIPE
+            self._stream.finish()
+            _give_back_memory()
 
     def _result_error(self):
         err = self._error
@@ -333,6 +355,46 @@ class ImportSession:
         return wrapped
 
 
+class _StreamState:
+    """How far the worker has got with the bytes sent (its thread writes, flushes read).
+
+    A flush must know whether the tar the writer sent is whole. It is, once the worker has
+    read the end-of-archive marker; it is not (yet), once the worker has used up every byte
+    sent so far and waits for more. ``wait_settled`` waits for one of the two.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._consumed = 0
+        self._reading = False          # the worker is in a read: all it had before is used up
+        self._ended = False            # the worker read the end-of-archive marker
+        self._finished = False
+
+    def reading(self, start, n=0):
+        with self._cond:
+            self._consumed += n
+            self._reading = start
+            self._cond.notify_all()
+
+    def archive_ended(self):
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
+    def finish(self):
+        with self._cond:
+            self._finished = True
+            self._cond.notify_all()
+
+    def wait_settled(self, received):
+        """ENDED once the worker has read the end-of-archive marker from the first ``received``
+        bytes, FINISHED if it stopped (it failed), NEEDS_MORE once it waits for more than those."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._ended or self._finished or
+                                (self._reading and self._consumed >= received))
+            return ENDED if self._ended else FINISHED if self._finished else NEEDS_MORE
+
+
 class _PipeReader:
     """The read end of an import's pipe as the layer writer reads it; an abort ends it with an error."""
 
@@ -341,7 +403,13 @@ class _PipeReader:
         self._session = session
 
     def readinto(self, buf):
-        n = os.readv(self._fd, [buf])
+        state = self._session._stream
+        state.reading(True)
+        n = 0
+        try:
+            n = os.readv(self._fd, [buf])
+        finally:
+            state.reading(False, n)
         if n == 0 and self._session._aborted:
             raise Canceled(f"import {self._session.new_id} canceled: imagefs is unmounting")
         return n
@@ -354,6 +422,24 @@ class _PipeReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _give_back_memory():
+    """Return the memory a finished import freed to the system. Each worker thread allocates
+    from its own malloc arena, and a freed arena keeps its pages: without this the daemon's
+    RSS would settle at the peak of the most imports ever run at once."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim      # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
 
 
 def _reason(err):

@@ -101,6 +101,7 @@ def _run(datastore, mountpoint, opts, ready):
         # the catalogue of a store's images lives as long as the kernel keeps their names (SHORT)
         store = ImageStore(open_datastore(datastore, opts.datastore), writer_method=opts.writer,
                            workdir=opts.workdir, catalogue_ttl=SHORT)
+        store.recover()                               # what killed writers left: before serving
         imports = ImportRegistry(store)
         ns = Namespace(store, imports, scratch_capacity=opts.scratch_capacity, pid=os.getpid(),
                        uid=os.getuid(), gid=os.getgid(), admin_gid=opts.admin_gid,

@@ -88,6 +88,14 @@ class DeferredOps:
     def xattr(self, path: bytes, name: str, value: bytes) -> None:
         self._xattrs.setdefault(path, []).append((name, value))
 
+    def kind(self, path: bytes) -> int:
+        """The file type of a pending path: its device node's, or (a deferred link to a
+        setuid file) a regular file."""
+        op = self._ops[path]
+        if isinstance(op, _Link):
+            op = self._ops.get(op.target)
+        return op.kind if isinstance(op, _Node) else stat.S_IFREG
+
     def pending(self, path: bytes) -> bool:
         """True if ``path`` exists only as a deferred node or link."""
         return path in self._ops

@@ -27,9 +27,11 @@ import stat
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
+from ..crashpoints import crash_point
 from ..errors import ImageFSError, InvalidInput, NoSpace
 from .confine import Root, join, remove_at, split
 from .deferred import DeferredOps, NodeMeta, is_protected_link_source, needs_privilege
+from .model import KIND_BLK, KIND_CHR, KIND_DIR, KIND_FIFO, KIND_LNK, KIND_REG, DataDigest, LayerModel
 from .tarread import ACL_ACCESS_XATTR, ACL_DEFAULT_XATTR, Entry, TarStream, open_tar
 
 WHITEOUT = b".wh."
@@ -44,25 +46,34 @@ _INVALID_INPUT_ERRNOS = (errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP)
 class ApplyStats:
     entries: int
     bytes: int
+    complete: bool = False      # the tar's end-of-archive marker was read (not just the end of the stream)
 
 
 def apply_layer(root: str, stream: BinaryIO, *,
                 path_filter: Callable[[str], str | None] | None = None,
-                whiteouts: bool = True, deferred: DeferredOps | None = None) -> ApplyStats:
+                whiteouts: bool = True, deferred: DeferredOps | None = None,
+                model: LayerModel | None = None) -> ApplyStats:
     """Apply the (maybe compressed) tar ``stream`` onto the tree at ``root``.
 
     ``path_filter(name)`` returns the relative name to use, or None to skip the entry.
     With ``whiteouts=False`` whiteout files are written as plain files (container import).
     With ``deferred``, what needs privileges is recorded there instead of done.
+    ``model`` receives what the layer holds where it touched the tree (for ``verify.py``);
+    without one, an in-memory model keeps the bookkeeping.
     """
-    applier = _Applier(root, path_filter, whiteouts, deferred)
+    own_model = model is None
+    applier = _Applier(root, path_filter, whiteouts, deferred, model or LayerModel())
     try:
         with open_tar(stream) as tar:
             for entry in tar.entries():
                 applier.apply(entry, tar)
+                crash_point("extract")
+            applier.stats.complete = tar.complete
         applier.set_dir_times()
     finally:
         applier.close()
+        if own_model:
+            applier.model.close()
     return applier.stats
 
 
@@ -70,12 +81,12 @@ def clean_name(raw: bytes) -> bytes:
     """A tar name as a relative path: no leading "/" or "./", no empty or "." components."""
     parts = [p for p in raw.split(b"/") if p and p != b"."]
     if b".." in parts:
-        raise InvalidInput(f"layer entry {os.fsdecode(raw)!r} has a '..' component")
+        raise InvalidInput(f"layer entry {_show(raw)} has a '..' component")
     return b"/".join(parts)
 
 
 class _Applier:
-    def __init__(self, root, path_filter, whiteouts, deferred):
+    def __init__(self, root, path_filter, whiteouts, deferred, model):
         try:
             self.root = Root(root)
         except OSError as err:
@@ -83,10 +94,8 @@ class _Applier:
         self.path_filter = path_filter
         self.whiteouts = whiteouts
         self.deferred = deferred
+        self.model = model          # real paths this layer unpacked, and what each must hold
         self.stats = ApplyStats(0, 0)
-        self.unpacked: set[bytes] = set()      # real paths this layer wrote
-        self.ancestors: set[bytes] = set()     # their parent directories
-        self.dir_times: dict[bytes, tuple[int, int]] = {}
 
     def close(self):
         self.root.close()
@@ -120,17 +129,9 @@ class _Applier:
 
     def _parent(self, parent: bytes, name: bytes) -> int:
         try:
-            return self.root.make_dirs(parent, self._mark)
+            return self.root.make_dirs(parent, self.model.implicit_dir)
         except NotADirectoryError:
             raise InvalidInput(f"cannot apply {_show(name)}: a parent is not a directory") from None
-
-    def _mark(self, real: bytes) -> None:
-        self.unpacked.add(real)
-        while real:
-            real = split(real)[0]
-            if real in self.ancestors:
-                break
-            self.ancestors.add(real)
 
     # --- whiteouts ---
 
@@ -138,9 +139,7 @@ class _Applier:
         if base == OPAQUE:
             pfd = self._parent(parent, name)
             try:
-                real = self.root.real(pfd)
-                self._clear(pfd, real)
-                self._mark(real)
+                self._clear(self.root.real(pfd))
             finally:
                 os.close(pfd)
             return
@@ -156,41 +155,39 @@ class _Applier:
             st = _lstat(pfd, victim)
             if st is None:
                 return
-            mine = real in self.unpacked or real in self.ancestors
+            mine = self.model.has(real) or self.model.has_below(real)
             if mine and stat.S_ISDIR(st.st_mode):
                 # this layer's directory (its own entry, or a parent of its entries) may sit merged
                 # on the lower one: the whiteout hides the lower part only, this layer's stays
-                dfd = os.open(victim, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-                try:
-                    self._clear(dfd, real)
-                finally:
-                    os.close(dfd)
+                self._clear(real)
             elif not mine:                      # whiteouts only hide lower layers
                 self._remove(pfd, victim, real, st)
         finally:
             os.close(pfd)
 
-    def _clear(self, dfd: int, real: bytes) -> None:
-        """Remove everything in the directory that this layer did not unpack."""
-        rfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
-        try:
-            names = [os.fsencode(n) for n in os.listdir(rfd)]
-        finally:
-            os.close(rfd)
-        for child in names:
-            path = join(real, child)
-            st = os.lstat(child, dir_fd=dfd)
-            if stat.S_ISDIR(st.st_mode) and (path in self.unpacked or path in self.ancestors):
-                cfd = os.open(child, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-                try:
-                    self._clear(cfd, path)
-                finally:
-                    os.close(cfd)
-            elif path not in self.unpacked:
-                self._remove(dfd, child, path, st)
+    def _clear(self, top: bytes) -> None:
+        """Remove everything below directory ``top`` that this layer did not unpack (iteratively:
+        trees may be deeper than Python's recursion)."""
+        pending = [top]
+        while pending:
+            real = pending.pop()
+            dfd = self.root.open_dir(real)
+            try:
+                for child, is_dir in _listdir(dfd):
+                    path = join(real, child)
+                    if is_dir and (self.model.has(path) or self.model.has_below(path)):
+                        pending.append(path)
+                    elif not self.model.has(path):
+                        st = _lstat(dfd, child)
+                        if st is not None:
+                            self._remove(dfd, child, path, st)
+            finally:
+                os.close(dfd)
+            self.model.emptied(real)
 
     def _remove(self, dfd: int, base: bytes, real: bytes, st: os.stat_result) -> None:
         remove_at(dfd, base, st)
+        self.model.removed(real, subtree=stat.S_ISDIR(st.st_mode))
         if self.deferred is not None:
             self.deferred.forget(real, subtree=stat.S_ISDIR(st.st_mode))
 
@@ -211,7 +208,6 @@ class _Applier:
             else:
                 self._remove(pfd, base, real, st)
                 create()
-        self._mark(real)
         return created
 
     def _node(self, e: Entry, name: bytes, parent: bytes, base: bytes, tar: TarStream) -> None:
@@ -232,50 +228,61 @@ class _Applier:
                                         merge_dir=True)
                 if created:
                     _drop_inherited_acls(b"/proc/self/fd/%d/%s" % (pfd, base), e, directory=True)
-                self._set_meta(e, pfd, base, real, times=False)
-                self.dir_times[real] = (e.atime_ns, e.mtime_ns)
+                xattrs = self._set_meta(e, pfd, base, real, times=False)
+                self._record(real, KIND_DIR, e, xattrs, merged=not created)     # times: set_dir_times
             elif kind == stat.S_IFLNK:
                 if not e.symlink:
                     raise InvalidInput(f"symlink {_show(name)} has no target")
                 self._replace(pfd, base, real, lambda: os.symlink(e.symlink, base, dir_fd=pfd))
-                self._set_meta(e, pfd, base, real, symlink=True)
+                xattrs = self._set_meta(e, pfd, base, real, symlink=True)
+                self._record(real, KIND_LNK, e, xattrs, target=e.symlink)
             elif kind == stat.S_IFIFO:
                 self._replace(pfd, base, real, lambda: os.mkfifo(base, 0o600, dir_fd=pfd))
                 _drop_inherited_acls(b"/proc/self/fd/%d/%s" % (pfd, base), e)
-                self._set_meta(e, pfd, base, real)
+                self._record(real, KIND_FIFO, e, self._set_meta(e, pfd, base, real))
             elif self.deferred is not None:     # a device node, without the privilege to make it
                 self._replace(pfd, base, real, lambda: _absent(pfd, base))
                 self.deferred.node(real, kind, e.rdev_major, e.rdev_minor,
                                    NodeMeta(e.perm, e.uid, e.gid, e.atime_ns, e.mtime_ns))
                 for xname, value in e.xattrs:
                     self.deferred.xattr(real, xname, value)
+                self._record(real, _DEVICE_KINDS[kind], e, e.xattrs, rdev=os.makedev(e.rdev_major, e.rdev_minor))
             else:
                 dev = os.makedev(e.rdev_major, e.rdev_minor)
                 self._replace(pfd, base, real, lambda: os.mknod(base, kind | 0o600, dev, dir_fd=pfd))
                 _drop_inherited_acls(b"/proc/self/fd/%d/%s" % (pfd, base), e)
-                self._set_meta(e, pfd, base, real)
+                self._record(real, _DEVICE_KINDS[kind], e, self._set_meta(e, pfd, base, real), rdev=dev)
         finally:
             os.close(pfd)
+
+    def _record(self, real: bytes, kind: str, e: Entry, xattrs, **facts) -> None:
+        self.model.node(real, kind, perm=e.perm, uid=e.uid, gid=e.gid, atime=e.atime_ns, mtime=e.mtime_ns,
+                        xattrs=xattrs, **facts)
 
     def _regular(self, e: Entry, pfd: int, base: bytes, real: bytes, tar: TarStream) -> None:
         fds = []
         self._replace(pfd, base, real, lambda: fds.append(os.open(base, _NEW_FILE, 0o600, dir_fd=pfd)))
         fd = fds[0]
+        digest = DataDigest()
         try:
             end = 0
             for offset, block in tar.data_blocks():
+                if offset < end:
+                    raise InvalidInput(f"layer entry {_show(real)}: data blocks out of order (bad sparse map)")
                 _pwrite_all(fd, block, offset)
-                end = max(end, offset + len(block))
+                digest.update(offset, block)
+                end = offset + len(block)
                 self.stats.bytes += len(block)
             if end < e.size:                    # a trailing hole of a sparse file
                 os.ftruncate(fd, e.size)
             _drop_inherited_acls(fd, e)
             os.fchown(fd, e.uid, e.gid)
             os.fchmod(fd, e.perm)
-            self._set_xattrs(fd, real, e.xattrs)
+            xattrs = self._set_xattrs(fd, real, e.xattrs)
             os.utime(fd, ns=(e.atime_ns, e.mtime_ns))
         finally:
             os.close(fd)
+        self._record(real, KIND_REG, e, xattrs, size=max(end, e.size), digest=digest.hexdigest())
 
     def _hardlink(self, e: Entry, name: bytes, parent: bytes, base: bytes) -> None:
         target = self._name(e.hardlink)
@@ -297,19 +304,21 @@ class _Applier:
             pfd = self._parent(parent, name)
             try:
                 real = join(self.root.real(pfd), base)
+                kind = _KINDS[stat.S_IFMT(tst.st_mode) if tst is not None else self.deferred.kind(treal)]
                 if real == treal:
-                    self._mark(real)
+                    self.model.link(real, treal, kind)
                     return
                 if pending or (self.deferred is not None and is_protected_link_source(tst)):
                     self._defer_link(pfd, base, real, treal)
-                    return
-                try:
-                    self._replace(pfd, base, real, lambda: os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd,
-                                                                   follow_symlinks=False))
-                except PermissionError:
-                    if self.deferred is None:
-                        raise
-                    self._defer_link(pfd, base, real, treal)    # fs.protected_hardlinks
+                else:
+                    try:
+                        self._replace(pfd, base, real, lambda: os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd,
+                                                                       follow_symlinks=False))
+                    except PermissionError:
+                        if self.deferred is None:
+                            raise
+                        self._defer_link(pfd, base, real, treal)    # fs.protected_hardlinks
+                self.model.link(real, treal, kind)
             finally:
                 os.close(pfd)
         finally:
@@ -322,30 +331,42 @@ class _Applier:
     # --- metadata ---
 
     def _set_meta(self, e: Entry, pfd: int, base: bytes, real: bytes, *,
-                  symlink: bool = False, times: bool = True) -> None:
+                  symlink: bool = False, times: bool = True) -> list[tuple[str, bytes]]:
+        """Owner, mode, xattrs and times from the entry; the xattrs set (or deferred)."""
         os.chown(base, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
         if not symlink:
             os.chmod(base, e.perm, dir_fd=pfd)      # not a symlink: nothing to follow
+        xattrs = []
         if e.xattrs:
             # lsetxattr through the parent's fd: the last component is not followed
-            self._set_xattrs(b"/proc/self/fd/%d/%s" % (pfd, base), real, e.xattrs)
+            xattrs = self._set_xattrs(b"/proc/self/fd/%d/%s" % (pfd, base), real, e.xattrs)
         if times:
             os.utime(base, ns=(e.atime_ns, e.mtime_ns), dir_fd=pfd, follow_symlinks=False)
+        return xattrs
 
-    def _set_xattrs(self, target: int | bytes, real: bytes, xattrs: list[tuple[str, bytes]]) -> None:
+    def _set_xattrs(self, target: int | bytes, real: bytes,
+                    xattrs: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        """Set ``xattrs``; those set or deferred (a namespace the filesystem lacks is skipped)."""
+        done = []
         for xname, value in xattrs:
             if self.deferred is not None and needs_privilege(xname):
                 self.deferred.xattr(real, xname, value)
+                done.append((xname, value))
                 continue
             try:
                 os.setxattr(target, xname, value, follow_symlinks=isinstance(target, int))
             except OSError as err:
                 if err.errno == errno.EOPNOTSUPP and not xname.startswith("user."):
                     continue                    # as docker: a namespace the fs lacks is skipped
+                if err.errno in (errno.ENOSPC, errno.E2BIG, errno.ERANGE):    # ext4 says ENOSPC for a big value
+                    raise InvalidInput(f"layer entry {_show(real)}: xattr {xname!r} of {len(value)} bytes "
+                                       "does not fit an ext4 inode") from None
                 raise
+            done.append((xname, value))
+        return done
 
     def set_dir_times(self) -> None:
-        for real, (atime_ns, mtime_ns) in self.dir_times.items():
+        for real, atime_ns, mtime_ns in self.model.dir_times():
             parent, base = split(real) if real else (b"", b".")
             try:
                 pfd = self.root.open_dir(parent)
@@ -372,6 +393,20 @@ def _drop_inherited_acls(target: int | bytes, e: Entry, directory: bool = False)
             except OSError as err:
                 if err.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
                     raise
+
+
+_DEVICE_KINDS = {stat.S_IFCHR: KIND_CHR, stat.S_IFBLK: KIND_BLK}
+_KINDS = {stat.S_IFREG: KIND_REG, stat.S_IFLNK: KIND_LNK, stat.S_IFIFO: KIND_FIFO, **_DEVICE_KINDS}
+
+
+def _listdir(dir_fd: int) -> list[tuple[bytes, bool]]:
+    """(name, is a directory) of every entry of an (O_PATH) open directory."""
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        with os.scandir(fd) as entries:         # scandir works on a duplicate of fd
+            return [(os.fsencode(e.name), e.is_dir(follow_symlinks=False)) for e in entries]
+    finally:
+        os.close(fd)
 
 
 def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:
@@ -405,4 +440,8 @@ def _translate(err: OSError, name: bytes) -> ImageFSError:
 
 
 def _show(path: bytes | None) -> str:
-    return repr(os.fsdecode(path or b""))
+    """A name for a one-line message: a huge one (a tar bomb's) is cut in the middle."""
+    text = os.fsdecode(path or b"")
+    if len(text) > 120:
+        text = f"{text[:80]}...{text[-30:]} ({len(path)} bytes)"
+    return repr(text)

@@ -6,6 +6,7 @@ stream are carried through libarchive and re-raised (KeyboardInterrupt as is, OS
 ImageFSError); libarchive's own errors become InvalidInput.
 """
 import ctypes
+import logging
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,8 +20,11 @@ from ..errors import ImageFSError, InvalidInput
 _FILTERS = ("gzip", "bzip2", "xz", "zstd")
 _FORMATS = ("tar", "empty")
 _READ_BLOCK = 1 << 20
+TAR_BLOCK = 512
 
 _lib = ffi.libarchive
+# libarchive-c logs every ARCHIVE_WARN; TarStream decides about each one itself.
+logging.getLogger("libarchive").setLevel(logging.ERROR)
 
 
 def _bind(name, argtypes, restype):
@@ -39,6 +43,9 @@ _acl_next = _bind("archive_entry_acl_next",
                   [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int),
                    ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_char_p)],
                   ctypes.c_int)
+# Where the stream stands: consumed (decompressed) bytes, and where the last header read began.
+_filter_bytes = _bind("archive_filter_bytes", [ctypes.c_void_p, ctypes.c_int], ctypes.c_longlong)
+_header_position = _bind("archive_read_header_position", [ctypes.c_void_p], ctypes.c_longlong)
 # Fallbacks when a PAX UTF-8 name cannot be converted to the locale's charset.
 _pathname_utf8 = _bind("archive_entry_pathname_utf8", [ctypes.c_void_p], ctypes.c_char_p)
 _hardlink_utf8 = _bind("archive_entry_hardlink_utf8", [ctypes.c_void_p], ctypes.c_char_p)
@@ -74,17 +81,28 @@ class Entry:
 
 
 class TarStream:
-    """Entries of a tar stream; ``data_blocks()`` yields the current entry's (offset, memoryview)."""
+    """Entries of a tar stream; ``data_blocks()`` yields the current entry's (offset, memoryview).
+
+    ``complete`` tells, once ``entries()`` is exhausted, whether the archive ended with its
+    end-of-archive marker (zero blocks). libarchive also ends quietly when the input stops
+    right between two members, as a ``cat`` or ``tar`` interrupted there leaves it: then
+    nothing was consumed past the position where it looked for the next header.
+    """
 
     def __init__(self, archive_p):
         self._a = archive_p
+        self.complete = False
 
     def entries(self) -> Iterator[Entry]:
         entry_p = ffi.entry_new()
         try:
             while True:
-                if _call(ffi.read_next_header2, self._a, entry_p) == ffi.ARCHIVE_EOF:
+                r = _call(ffi.read_next_header2, self._a, entry_p)
+                if r == ffi.ARCHIVE_EOF:
+                    self.complete = _filter_bytes(self._a, 0) - _header_position(self._a) >= TAR_BLOCK
                     return
+                if r == ffi.ARCHIVE_WARN:
+                    self._warned()
                 yield _decode(entry_p)
         finally:
             ffi.entry_free(entry_p)
@@ -95,8 +113,18 @@ class TarStream:
             r = _call(ffi.read_data_block, self._a, ctypes.byref(buf), ctypes.byref(size), ctypes.byref(offset))
             if r == ffi.ARCHIVE_EOF:
                 return
+            if r == ffi.ARCHIVE_WARN:
+                self._warned()
             if size.value:
                 yield offset.value, memoryview((ctypes.c_char * size.value).from_address(buf.value)).cast("B")
+
+
+    def _warned(self) -> None:
+        """libarchive read the member but complained: a damaged or malformed archive (a PAX
+        record it dropped, garbage it skipped) is refused, a name in a foreign charset is not."""
+        msg = (ffi.error_string(self._a) or b"").decode("utf-8", "replace")
+        if "can't be converted" not in msg:
+            raise InvalidInput(f"bad layer archive: {msg or 'libarchive warned'}")
 
 
 def _call(func, *args):

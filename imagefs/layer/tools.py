@@ -26,6 +26,22 @@ def run(cmd: list[str], what: str) -> subprocess.CompletedProcess:
     return proc
 
 
+def spawn(cmd: list[str], log_path: str, what: str) -> subprocess.Popen:
+    """Start a long-running helper (qsd, fuse2fs), output to ``log_path``.
+
+    Its own session keeps terminal signals away from it (we stop it properly), and
+    ``setpriv --pdeathsig`` has the kernel send it SIGTERM when the *thread* that started
+    it dies, so a writer killed outright leaves no helper running. Start it, and wait for
+    it, from one thread.
+    """
+    with open(log_path, "wb") as log:
+        try:
+            return subprocess.Popen(["setpriv", "--pdeathsig", "TERM", "--", *cmd], stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=log, start_new_session=True)
+        except FileNotFoundError:
+            raise ToolFailed(f"{what}: setpriv (util-linux) is not installed") from None
+
+
 def tail(text: str, lines: int = 1) -> str:
     """The last non-empty lines of a tool's output, joined into one line."""
     kept = [line.strip() for line in text.splitlines() if line.strip()]
@@ -45,16 +61,32 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
+def _mountinfo() -> list[tuple[str, str, str]]:
+    """(mount point, filesystem type, source) of every mount, in mount order."""
+    out = []
+    with open("/proc/self/mountinfo", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            out.append((_unescape(fields[4]), fields[sep + 1], _unescape(fields[sep + 2])))
+    return out
+
+
 def mount_source(path: str) -> str | None:
     """The source device of the mount at ``path`` (None if nothing is mounted there)."""
     path = os.path.abspath(path)
     found = None
-    with open("/proc/self/mountinfo", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            if _unescape(fields[4]) == path:
-                found = _unescape(fields[fields.index("-") + 2])   # the last mount there wins
+    for point, _fstype, source in _mountinfo():
+        if point == path:
+            found = source                      # the last mount there wins
     return found
+
+
+def mounts_under(path: str) -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of every mount at or below ``path``, the last mounted first."""
+    path = os.path.abspath(path)
+    return [(point, fstype) for point, fstype, _ in reversed(_mountinfo())
+            if point == path or point.startswith(path + "/")]
 
 
 def is_mounted(path: str) -> bool:
@@ -73,11 +105,14 @@ def wait_until(predicate, timeout: float, interval: float = 0.01) -> bool:
         interval = min(interval * 1.5, 0.2)
 
 
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextmanager
 def hold_interrupts():
-    """Hold a Ctrl-C back while cleaning up, so the cleanup is not cut short.
+    """Hold Ctrl-C, SIGTERM and SIGHUP back while cleaning up, so the cleanup is not cut short.
 
-    Only the main thread receives signals; elsewhere this does nothing. A SIGINT held back
+    Only the main thread receives signals; elsewhere this does nothing. A signal held back
     is delivered again to the previous handler at the end, unless an exception is already
     on its way out (the caller is unwinding anyway).
     """
@@ -85,10 +120,11 @@ def hold_interrupts():
         yield
         return
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    previous = {sig: signal.signal(sig, lambda signum, _frame: caught.append(signum)) for sig in INTERRUPTS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         if caught and sys.exc_info()[0] is None:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(caught[0])

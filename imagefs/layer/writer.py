@@ -1,34 +1,41 @@
 """Writing a layer: a new delta VMDK of a parent, with a layer tar applied to its ext4.
 
-Pipeline (design brief §3, toolchain-probe B1/B3):
-qemu-img create child -> qemu-storage-daemon exports it as a raw file -> mount the ext4
-(kernel loop or fuse2fs) -> apply the tar while hashing every byte received -> unmount
--> deferred debugfs pass (fuse2fs, unprivileged) -> e2fsck -fn must be clean -> stop qsd.
-Any failure unwinds all of it and removes the child disk; the parent is only ever read.
+Stages (docs/design.md, "Write path"): qemu-img create child -> qemu-storage-daemon
+exports it as a raw file -> mount the ext4 (kernel loop or fuse2fs) -> apply the tar
+while hashing every byte received and recording what it makes -> seal (syncfs, unmount,
+deferred debugfs pass, e2fsck -fn clean, qsd stopped) -> verify the sealed disk against
+the record. Any failure unwinds all of it and removes the child disk; the parent is only
+ever read.
 
 Environment: IMAGEFS_WRITER (auto|kernel|fuse2fs) picks the default method;
 IMAGEFS_WORKDIR is where work directories go (default /var/tmp);
 IMAGEFS_DEFER_PRIVILEGED=1 makes fuse2fs use the debugfs pass even as root (for tests).
 """
+import errno
 import hashlib
+import logging
 import os
 import re
-import shutil
 import subprocess
-import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
 
-from ..errors import Exists, ImageFSError, InvalidInput, NotFound, SumMismatch, ToolFailed
+from ..crashpoints import crash_point
+from ..errors import Exists, ImageFSError, InvalidInput, NoSpace, NotFound, SumMismatch, ToolFailed
 from .deferred import DeferredOps
 from .extract import apply_layer
 from .fsmount import Mount
+from .model import LayerModel
 from .qsd import StorageDaemon
-from .tools import hold_interrupts, is_mounted, run, tail
+from .tools import hold_interrupts, run, tail
+from .verify import verify_layer
+from .workdir import WorkDir
+
+log = logging.getLogger("imagefs.layer.writer")
 
 METHODS = ("kernel", "fuse2fs")
-DEFAULT_WORKDIR = "/var/tmp"
+ROOM_PROBE = 1 << 20        # a datastore that cannot give this much is full (a disk grows by 64 KiB grains)
 PROGRESS_STEP = 4 << 20
 _SUM_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
 
@@ -77,50 +84,135 @@ def create_child_disk(parent_vmdk: str, child_vmdk: str) -> None:
 def write_layer(parent_vmdk: str, child_vmdk: str, stream: BinaryIO, *,
                 expected_sum: str | None = None, method: str | None = None,
                 workdir: str | None = None,
-                progress: Callable[[int], None] | None = None) -> WriteResult:
+                progress: Callable[[int], None] | None = None,
+                on_archive_end: Callable[[], None] | None = None) -> WriteResult:
     """Create ``child_vmdk`` as a delta of ``parent_vmdk`` holding the layer tar ``stream``.
 
     The stream (gzip, bzip2, xz, zstd or plain) is read to EOF and its raw bytes hashed;
-    ``expected_sum`` ("sha256:<hex>") must then match exactly. On any failure the child
-    disk is removed and the error re-raised.
+    ``expected_sum`` ("sha256:<hex>") must then match exactly. Without a sum, the tar must
+    end with its end-of-archive marker: a stream cut between two members is refused.
+    ``on_archive_end()`` is called once the marker has been read (before the rest of the
+    stream is). On any failure the child disk is removed and the error re-raised; a
+    failure while the datastore is full is NoSpace.
+
+    Stages, each done before the next starts: create the child disk; export and mount it
+    (``writable_mount``); apply the tar, recording what it makes (``model.py``); seal (sync,
+    unmount, fsck, stop qsd: the exit of ``writable_mount``); make the disk file durable;
+    verify the sealed disk against the record (``verify.py``). A step that converts the
+    sealed disk slots in between the seal and the verification.
     """
     if expected_sum is not None and not _SUM_RE.match(expected_sum):
         raise InvalidInput(f"invalid expected sum {expected_sum!r}: use sha256:<64 lowercase hex digits>")
     method = resolve_method(method)
-    create_child_disk(parent_vmdk, child_vmdk)
     reader = _HashingReader(stream, progress)
     try:
-        with writable_mount(child_vmdk, method=method, workdir=workdir) as layer:
-            stats = apply_layer(layer.root, reader, deferred=layer.deferred)
-            reader.drain()
-            if expected_sum is not None and reader.digest != expected_sum:
-                raise SumMismatch(f"Failed to validate image checksum. Expected {expected_sum}, "
-                                  f"got {reader.digest}")
-    except BaseException:
+        _check_space(child_vmdk)
+        create_child_disk(parent_vmdk, child_vmdk)
+        with WorkDir(workdir) as work:
+            model = LayerModel(work.join("layer.db"))
+            try:
+                with writable_mount(child_vmdk, method=method, work=work) as layer:
+                    stats = apply_layer(layer.root, reader, deferred=layer.deferred, model=model)
+                    if stats.complete and on_archive_end is not None:
+                        on_archive_end()
+                    reader.drain()
+                    _check_stream(stats, reader, expected_sum)
+                crash_point("sealed")
+                fsync_file(child_vmdk)
+                verify_layer(child_vmdk, model)
+                crash_point("verified")
+            finally:
+                model.close()
+    except BaseException as err:
         with hold_interrupts():
+            failure = _space_failure(err, child_vmdk)
             _remove_file(child_vmdk)
+        if failure is not None:
+            raise failure from err
         raise
     reader.report()
     return WriteResult(reader.digest, reader.size, stats.entries)
 
 
+def _check_stream(stats, reader, expected_sum: str | None) -> None:
+    """The sum, when given, decides; without one the tar must have ended properly."""
+    crash_point("sum")
+    if expected_sum is not None:
+        if reader.digest != expected_sum:
+            raise SumMismatch(f"Failed to validate image checksum. Expected {expected_sum}, got {reader.digest}")
+    elif not stats.complete:
+        raise InvalidInput(f"the layer stream is truncated: it ends after {stats.entries} entries "
+                           f"({reader.size} bytes) without the tar end-of-archive marker "
+                           "(give its sha256 to accept it as it is)")
+
+
+def _check_space(child_vmdk: str) -> None:
+    """A datastore already full gives a clear NoSpace, not a qemu-img assertion."""
+    if not _has_room(child_vmdk):
+        raise NoSpace(f"the datastore is full: no room for layer disk {os.path.basename(child_vmdk)}")
+
+
+def _space_failure(err: BaseException, child_vmdk: str) -> NoSpace | None:
+    """A write failure (a tool's, a lost write, a read-back mismatch) while the datastore is
+    full is the datastore's fullness, said plainly. Bad input stays bad input."""
+    if not isinstance(err, (ImageFSError, OSError)) or isinstance(err, (InvalidInput, NoSpace)):
+        return None
+    if _has_room(child_vmdk):
+        return None
+    log.info("layer %s failed on a full datastore: %s", child_vmdk, err)
+    return NoSpace(f"the datastore is full: layer {os.path.basename(child_vmdk)} could not be written")
+
+
+def _has_room(child_vmdk: str) -> bool:
+    """Can the datastore still give the writer (and qsd, which runs as we do) ROOM_PROBE bytes?
+    Asked by allocating them, since statfs cannot say what is reserved even from root."""
+    probe = os.path.join(os.path.dirname(os.path.abspath(child_vmdk)), f".space-probe-{os.getpid()}")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        return err.errno not in (errno.ENOSPC, errno.EDQUOT)
+    try:
+        os.posix_fallocate(fd, 0, ROOM_PROBE)
+    except OSError as err:
+        return err.errno not in (errno.ENOSPC, errno.EDQUOT)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+    return True
+
+
 @contextmanager
-def writable_mount(vmdk: str, *, method: str | None = None,
-                   workdir: str | None = None) -> Iterator[MountedLayer]:
-    """Mount the ext4 of ``vmdk`` read-write; on a clean exit seal it (unmount, deferred
-    operations, ``e2fsck -fn`` clean, qsd stopped). On an exception only unwind."""
+def writable_mount(vmdk: str, *, method: str | None = None, workdir: str | None = None,
+                   work: WorkDir | None = None) -> Iterator[MountedLayer]:
+    """Mount the ext4 of ``vmdk`` read-write; on a clean exit seal it (sync and unmount,
+    deferred operations, ``e2fsck -fn`` clean, qsd stopped). On an exception only unwind.
+    ``work`` is the work directory to use (else a new one in ``workdir``).
+
+    Each resource is started right where its stop is registered, so whatever a failure
+    (or a signal) interrupts, exactly what was started is stopped, in reverse order.
+    """
     method = resolve_method(method)
-    with _work_dir(workdir) as work, StorageDaemon(vmdk, work) as qsd:
-        root = os.path.join(work, "mnt")
-        os.mkdir(root)
-        deferred = DeferredOps(work) if method == "fuse2fs" and _defer_privileged() else None
-        with Mount(method, qsd.raw, root, os.path.join(work, "fuse2fs.log")):
-            yield MountedLayer(root, deferred)
-            if deferred is not None and not deferred.is_empty():
-                deferred.count_links(root)
-        if deferred is not None and not deferred.is_empty():
-            deferred.apply(qsd.raw)
-        _check_fs(qsd.raw)
+    with ExitStack() as stack:
+        if work is None:
+            work = stack.enter_context(WorkDir(workdir))
+        qsd = stack.enter_context(StorageDaemon(vmdk, work))
+        stack.push(_on_success(lambda: _check_fs(qsd.raw)))
+        deferred = DeferredOps(work.path) if method == "fuse2fs" and _defer_privileged() else None
+        if deferred is not None:
+            stack.push(_on_success(lambda: deferred.is_empty() or deferred.apply(qsd.raw)))
+        mount = stack.enter_context(Mount(method, qsd.raw, work))
+        if deferred is not None:
+            stack.push(_on_success(lambda: deferred.is_empty() or deferred.count_links(mount.target)))
+        yield MountedLayer(mount.target, deferred)
+
+
+def _on_success(step: Callable[[], object]):
+    """An ExitStack exit callback that runs ``step`` only when nothing failed before it."""
+    def exit_callback(exc_type, exc, tb):
+        if exc_type is None:
+            step()
+        return False
+    return exit_callback
 
 
 def _defer_privileged() -> bool:
@@ -128,6 +220,7 @@ def _defer_privileged() -> bool:
 
 
 def _check_fs(raw: str) -> None:
+    crash_point("fsck")
     proc = subprocess.run(["e2fsck", "-fn", raw], stdin=subprocess.DEVNULL, capture_output=True,
                           text=True, errors="replace", start_new_session=True)
     if proc.returncode != 0:
@@ -135,20 +228,17 @@ def _check_fs(raw: str) -> None:
                          f"{tail(proc.stdout + proc.stderr, 3)}")
 
 
-@contextmanager
-def _work_dir(base: str | None) -> Iterator[str]:
-    base = base or os.environ.get("IMAGEFS_WORKDIR") or DEFAULT_WORKDIR
-    try:
-        work = tempfile.mkdtemp(prefix="imagefs-layer-", dir=base)
-    except OSError as err:
-        raise ImageFSError(f"cannot create a work directory in {base}: {err.strerror}") from None
-    try:
-        yield work
-    finally:
-        with hold_interrupts():
-            # rmtree would descend into a mount that failed to go away: never do that
-            if not any(is_mounted(os.path.join(work, n)) for n in ("mnt", "disk.raw")):
-                shutil.rmtree(work, ignore_errors=True)
+def fsync_file(path: str) -> None:
+    """Make a file written by a tool durable, with its directory entry."""
+    for target, flags in ((path, 0), (os.path.dirname(os.path.abspath(path)), os.O_DIRECTORY)):
+        try:
+            fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC | flags)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as err:
+            raise ImageFSError(f"cannot make {target} durable: {err.strerror}") from None
 
 
 def _remove_file(path: str) -> None:
@@ -180,6 +270,8 @@ class _HashingReader:
         except OSError as err:
             raise ImageFSError(f"cannot read the layer stream: {err.strerror or err}") from err
         self._hash.update(buf[:n])
+        if self.size // PROGRESS_STEP != (self.size + n) // PROGRESS_STEP:
+            crash_point("stream")
         self.size += n
         if self._progress is not None and self.size - self._reported >= PROGRESS_STEP:
             self.report()
