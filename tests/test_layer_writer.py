@@ -355,8 +355,13 @@ from imagefs.layer import qsd
 from imagefs.layer.writer import write_layer
 
 stop = qsd.StorageDaemon.stop
-def slow_stop(self):            # the unwinding lasts long enough for the second Ctrl-C to land in it
-    time.sleep(0.5)
+def slow_stop(self):            # the unwinding waits until the test's second Ctrl-C has landed in it
+    if not os.path.exists(sent):
+        print("unwinding", flush=True)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sent) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)         # the handler runs at the next bytecode after delivery
     stop(self)
 qsd.StorageDaemon.stop = slow_stop
 
@@ -374,7 +379,7 @@ class Slow(io.RawIOBase):
         self.pos += n
         return n
 
-parent, child, tar, method, work = sys.argv[1:]
+parent, child, tar, method, work, sent = sys.argv[1:]
 try:
     write_layer(parent, child, Slow(open(tar, "rb").read()), method=method, workdir=work)
 except KeyboardInterrupt:
@@ -384,20 +389,20 @@ except KeyboardInterrupt:
 
 @pytest.mark.parametrize("method", ["kernel", "fuse2fs"])
 def test_ctrl_c_leaves_nothing(method, layer_base_disk, tmp_path, work):
-    """SIGINT to the whole process group, twice: once while applying, once while unwinding."""
+    """SIGINT to the whole process group, twice: once while applying, once while unwinding
+    (the second sent when the writer says it is stopping its disk tool, whatever the load)."""
     tar = tmp_path / "layer.tar"
     tar.write_bytes(_some_files())
     child = child_of(tmp_path)
+    sent = tmp_path / "second-sigint-sent"
     proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_WRITER, layer_base_disk.vmdk, child, str(tar),
-                             method, work], stdout=subprocess.PIPE, text=True, start_new_session=True,
+                             method, work, str(sent)], stdout=subprocess.PIPE, text=True, start_new_session=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.stdout.readline().strip() == "started"
     os.killpg(proc.pid, signal.SIGINT)
-    time.sleep(0.05)
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-    except ProcessLookupError:
-        pass
+    assert proc.stdout.readline().strip() == "unwinding"
+    os.killpg(proc.pid, signal.SIGINT)
+    sent.touch()
     out, _ = proc.communicate(timeout=60)
     assert (proc.returncode, out.strip()) == (0, "interrupted")
     assert not os.path.exists(child)
