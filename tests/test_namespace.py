@@ -157,6 +157,31 @@ def test_a_deleted_image_is_forgotten_and_made_anew_gets_new_numbers(datastore, 
         ns.close()
 
 
+def test_a_deleted_image_leaves_no_nodes_behind(datastore, tmp_path):  # noqa: F811
+    """Found by the concurrency soak's review: each image the mount saw kept its synthetic nodes
+    (directory, exports, import files) for the life of the mount, deleted or not."""
+    ds = str(tmp_path / "ds")
+    shutil.copytree(datastore, ds)
+    ns = make_ns(ds)
+    try:
+        images = ns.resolve(walk(ns, STORE, "images").ino)
+        before = len(ns._nodes)
+        image_dir = walk(ns, STORE, "images", "idl")
+        for name, child in ns.resolve(image_dir.ino).listdir(ns):
+            if name in (b"export", b"meta", b"import"):
+                ns.resolve(child.ino).listdir(ns)
+        seen = len(ns._nodes)
+        assert seen > before + 4
+        images.rmdir(ns, b"idl")
+        assert len(ns._nodes) == before and len(ns._inos) == before
+        with pytest.raises(NotFound):
+            ns.resolve(image_dir.ino)
+        walk(ns, STORE, "images", "base", "export")      # the other images keep theirs
+        assert walk(ns, STORE, "images", "base").ino == walk(ns, STORE, "images", "base").ino
+    finally:
+        ns.close()
+
+
 def test_the_cache_stays_within_its_budget(datastore):  # noqa: F811
     ns = make_ns(datastore, cache_budget=64 << 10)
     try:

@@ -2,7 +2,8 @@
 trees and the cache behind them.
 
 - Synthetic nodes (nodes.py) get numbers counting up (inodes.py) and keep them for
-  the life of the mount.
+  the life of the mount, but for an image's own nodes (its directory, exports, import
+  files), which go with their incarnation when it is forgotten.
 - An image gets an ImageRef (an incarnation, with an index) the first time the mount
   sees it; its tree is opened on first use and shares the mount's one Cache
   (imagefs/cache.py) with every other tree, its entries keyed by the incarnation.
@@ -39,7 +40,7 @@ from ..ext4 import Stat
 from ..ids import SCRATCH
 from .files import Exports
 from .inodes import MAX_SYNTHETIC, ROOT_INO, is_tree_ino, split_tree_ino
-from .nodes import Entry, ExportFile, ImageRef, Root, TreeNode
+from .nodes import Entry, ExportFile, ImageNode, ImageRef, Root, TreeNode
 from .prefetch import Prefetcher
 
 CACHE_BUDGET = 64 << 20
@@ -73,6 +74,7 @@ class Namespace:
         self._time_ns = time.time_ns()
         self._lock = threading.Lock()
         self._nodes = {ROOT_INO: Root(None)}
+        self._image_inos = {}         # idx -> inode numbers of its incarnation's synthetic nodes
         self._inos = {(Root, None): ROOT_INO}
         self._next_ino = ROOT_INO + 1
         self._refs = {}               # (store, id) -> ImageRef
@@ -122,7 +124,9 @@ class Namespace:
                     raise InvalidInput("out of synthetic inode numbers")
                 self._next_ino += 1
                 self._inos[(cls, key)] = ino
-                self._nodes[ino] = cls(key)
+                node = self._nodes[ino] = cls(key)
+                if isinstance(node, ImageNode):     # goes with its incarnation (forget_image)
+                    self._image_inos.setdefault(node.ref.idx, []).append(ino)
             return self._nodes[ino]
 
     def ino_of(self, node):
@@ -184,6 +188,12 @@ class Namespace:
             self._live.pop(ref.idx, None)
             self._trees.pop(ref.idx, None)
             self._cids.pop(ref.idx, None)
+            for ino in self._image_inos.pop(ref.idx, ()):     # its directory, exports, imports...
+                node = self._nodes.pop(ino, None)
+                if node is not None:
+                    self._inos.pop((type(node), node.key), None)
+                self._lookups.pop(ino, None)
+                self._option_exports.pop(ino, None)
         self.store.forget_image_files(ref.store, ref.id)
 
     def forget_missing(self, store, image_id):
