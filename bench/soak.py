@@ -18,7 +18,9 @@ Allowed outcomes are success and the documented errors: EBUSY, EEXIST, ENOTEMPTY
 of a store with images), and ENOENT only for what this soak itself deleted meanwhile.
 Anything else is a failure. At the end every image still there is checked against the
 tars it was made of (through the store API, a third reader), and the daemon's open
-descriptors and RSS are compared with their values after a warm-up.
+descriptors, RSS and threads, sampled once mounted (idle) and every 10 s from the end of
+a warm-up (the baseline), must stay within fixed bounds whatever the number of images
+the mount opened (``resource_problems``).
 
 Prints a JSON summary; exit 1 on any failure.
 """
@@ -46,6 +48,18 @@ from imagefs.errors import ImageFSError  # noqa: E402
 from imagefs.store import ImageStore  # noqa: E402
 
 STORE = "soak"
+# What the daemon may hold beyond its idle state whatever the images it opened: the disk
+# pool's layer files (imagefs.diskpool.MAX_OPEN) and OTHER_FDS (FUSE, log, 8 imports in
+# flight, exports); the read cache's budget and RSS_ALLOWANCE_MB (up to 1,024 parsed disks
+# of about 25 KB, 64 open trees with a parser per thread, the buffers of up to 6 exports at
+# once of about 10 MiB, malloc's per-thread arenas); OTHER_THREADS (the FUSE workers,
+# imports, exports). Over a run of LONG_RUN seconds (the pool and the cache are full well
+# before), the last third of the samples may top the middle third by at most FLAT_*.
+OTHER_FDS = 128
+RSS_ALLOWANCE_MB = 160
+OTHER_THREADS = 64
+LONG_RUN = 300
+FLAT_FDS, FLAT_RSS_MB = 32, 24
 IMAGEFS = [sys.executable, "-m", "imagefs"]
 ALLOWED = {"EBUSY", "EEXIST", "ENOTEMPTY"}
 
@@ -383,6 +397,8 @@ class Soak:
         pid = int(os.getxattr(self.mnt, "user.imagefs.pid"))
         try:
             self.started = time.monotonic()
+            self.sample(pid)
+            self.idle = self.samples.pop()                 # before any image is read
             self.stop_at = self.started + self.args.seconds
             ops = {  # worker -> the operations it draws from
                 "importer": ["import-mount", "import-mount", "import-cli"],
@@ -432,13 +448,48 @@ class Soak:
             if image_id != "scratch" and st.get_image(STORE, image_id).parent != self.images[image_id].parent:
                 self.stats.failures.append(f"verify {image_id}: wrong parent")
             verified += 1
+        self.stats.failures.extend(resource_problems(self.idle, self.samples, self.args.seconds))
         first, last = self.samples[0], self.samples[-1]
         return {"seconds": self.args.seconds, "seed": self.args.seed, "parallel_imports": self.args.imports,
                 "ops": self.stats.ops, "failures": self.stats.failures, "images_verified": verified,
                 "fds": [first["fds"], last["fds"]], "rss_mb": [round(first["rss_kb"] / 1024, 1),
                                                                round(last["rss_kb"] / 1024, 1)],
                 "threads": [first["threads"], last["threads"]], "images": [first["images"], last["images"]],
+                "idle": {"fds": self.idle["fds"], "rss_mb": round(self.idle["rss_kb"] / 1024, 1),
+                         "threads": self.idle["threads"]},
+                "max": {"fds": max(x["fds"] for x in self.samples),
+                        "rss_mb": round(max(x["rss_kb"] for x in self.samples) / 1024, 1),
+                        "threads": max(x["threads"] for x in self.samples)},
                 "samples": self.samples}
+
+
+def resource_problems(idle, samples, seconds):
+    """Lines saying where the daemon's descriptors, memory or threads were not bounded (empty: they were).
+
+    Bounded: every sample within the idle daemon's figures plus the fixed margins above,
+    which do not depend on how many images were opened. Flat: in a run of LONG_RUN seconds
+    or more, the highest sample of the last third at most FLAT_* above that of the middle third."""
+    from imagefs.diskpool import MAX_OPEN
+    from imagefs.fuse.namespace import CACHE_BUDGET
+    bounds = {"fds": ("descriptors", idle["fds"] + MAX_OPEN + OTHER_FDS, 1, ""),
+              "rss_kb": ("RSS", idle["rss_kb"] / 1024 + (CACHE_BUDGET >> 20) + RSS_ALLOWANCE_MB, 1024, " MB"),
+              "threads": ("threads", idle["threads"] + OTHER_THREADS, 1, "")}
+    problems = []
+    for key, (what, bound, scale, unit) in bounds.items():
+        worst = max(samples, key=lambda x: x[key])
+        if worst[key] / scale > bound:
+            problems.append(f"{what}: {worst[key] / scale:.0f}{unit} at {worst['t']} s ({worst['images']} images), "
+                            f"over the bound {bound:.0f}{unit}")
+    if seconds >= LONG_RUN and len(samples) >= 6:
+        third = len(samples) // 3
+        middle, last = samples[third:2 * third], samples[2 * third:]
+        for key, what, allowed, scale, unit in (("fds", "descriptors", FLAT_FDS, 1, ""),
+                                                ("rss_kb", "RSS", FLAT_RSS_MB, 1024, " MB")):
+            grew = (max(x[key] for x in last) - max(x[key] for x in middle)) / scale
+            if grew > allowed:
+                problems.append(f"{what}: grew by {grew:.0f}{unit} in the last third of the run "
+                                f"(allowed {allowed}{unit})")
+    return problems
 
 
 def main(argv=None):

@@ -278,7 +278,7 @@ class ImageStore:
         """Remove images/<id> if it is incomplete and no live writer claims it (caller holds
         the store lock). True if removed."""
         d = _image_dir(store, image_id)
-        if self.ds.exists(f"{d}/manifest") and self.ds.exists(_disk_path(store, image_id)):
+        if self._is_complete(store, image_id):
             return False
         if self.ds.is_link(d):          # not imagefs's: never followed, never removed
             log.warning("store %s: images/%s is a symbolic link; left alone", store, image_id)
@@ -286,9 +286,18 @@ class ImageStore:
         with self.ds.lock(_claim_path(store, image_id), exclusive=True, blocking=False) as got:
             if not got:
                 return False
+            # its writer may have finished since the look above: it writes the manifest, then
+            # removes the claim file, whose lock (made anew here) is then free
+            if self._is_complete(store, image_id):
+                self.ds.remove(_claim_path(store, image_id))
+                return False
             self.ds.rmtree(d)
         self._changed(store)
         return True
+
+    def _is_complete(self, store, image_id):
+        return self.ds.exists(f"{_image_dir(store, image_id)}/manifest") and \
+            self.ds.exists(_disk_path(store, image_id))
 
     def _drop_stale_claim(self, store, image_id):
         """A complete image whose writer died between the manifest and dropping its claim."""
