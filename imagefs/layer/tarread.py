@@ -177,9 +177,12 @@ def open_tar(stream: BinaryIO) -> Iterator[TarStream]:
         ffi.read_free(archive_p)
 
 
-# the seconds an ext4 inode with extra timestamp bits can hold (a tar's base-256 fields go further)
-EXT4_TIME_MIN = -(1 << 31)
-EXT4_TIME_MAX = (1 << 31) - 1 + (3 << 32)
+# Times a layer may hold, in seconds: from ext4's earliest (1901-12-13) to the last whole
+# second that nanoseconds in a signed 64-bit integer reach (2262-04-11: the layer model's
+# SQLite columns; ext4 itself goes on to 2446). A tar's base-256 fields go much further.
+TIME_MIN = -(1 << 31)
+TIME_MAX = ((1 << 63) - 1) // 1_000_000_000
+TIME_RANGE = "1901-12-13 to 2262-04-11"
 
 
 def _decode(e) -> Entry:
@@ -195,9 +198,9 @@ def _decode(e) -> Entry:
         if not 0 <= value < 0xFFFFFFFF:        # (uid_t)-1 means "no change" to chown
             raise InvalidInput(f"{name.decode('utf-8', 'replace')}: {what} {value} is out of range")
     for what, value in (("mtime", mtime_ns), ("atime", atime_ns)):
-        if not EXT4_TIME_MIN <= value // 1_000_000_000 <= EXT4_TIME_MAX:
+        if not TIME_MIN <= value // 1_000_000_000 <= TIME_MAX:
             raise InvalidInput(f"{name.decode('utf-8', 'replace')}: {what} {value // 1_000_000_000} is out of "
-                               f"range (ext4 holds 1901-12-13 to 2446-05-10)")
+                               f"range (a layer holds {TIME_RANGE})")
     return Entry(
         name=name,
         filetype=ffi.entry_filetype(e) & AE_IFMT,
