@@ -197,7 +197,7 @@ def _write_one_file_tar(tmp_path, **attrs):
 def test_a_negative_owner_in_a_tar_is_one_line(tmp_path, field):
     """Found by the campaign: a base-256 negative uid reached chown and raised OverflowError."""
     proc, images = _write_one_file_tar(tmp_path, **{field: -5})
-    assert proc.returncode != 0 and proc.stderr.splitlines() == [f"imagefs: f: {field} -5 is out of range"]
+    assert proc.returncode != 0 and proc.stderr.splitlines() == [f"imagefs: layer entry 'f': {field} -5 is out of range"]
     assert images == ["scratch"]
 
 
@@ -207,7 +207,7 @@ def test_a_time_out_of_range_is_one_line(tmp_path, mtime):
     model's SQLite table as OverflowError; times a layer cannot hold are refused in one line."""
     proc, images = _write_one_file_tar(tmp_path, mtime=mtime)
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
-        f"imagefs: f: mtime {mtime} is out of range (a layer holds 1901-12-13 to 2262-04-11)"]
+        f"imagefs: layer entry 'f': mtime {mtime} is out of range (a layer holds 1901-12-13 to 2262-04-11)"]
     assert images == ["scratch"]
 
 
