@@ -5,6 +5,7 @@ served. The long campaign is ``python -m fuzz.run`` (docs/reliability.md)."""
 import errno
 import gc
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -239,7 +240,8 @@ def test_ctrl_c_stops_a_campaign_started_in_the_background(tmp_path):
             proc.wait()
     assert proc.returncode == 130, out
     summary = out.strip().splitlines()[-1]
-    assert summary.startswith("tar: ") and " executions, " in summary and " 0 failures" in summary, out
+    # what the inputs it reached in 5 s found is the short run's business (a fixed count), not this test's
+    assert re.fullmatch(r"tar: \d+ executions, \d+ clear errors, \d+ failures \([\d.]+ s\)", summary), out
 
 
 # --- crafted inputs of the formats target (fuzz/format_seeds.py) ------------------------------
