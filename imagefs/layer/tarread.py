@@ -177,6 +177,11 @@ def open_tar(stream: BinaryIO) -> Iterator[TarStream]:
         ffi.read_free(archive_p)
 
 
+# the seconds an ext4 inode with extra timestamp bits can hold (a tar's base-256 fields go further)
+EXT4_TIME_MIN = -(1 << 31)
+EXT4_TIME_MAX = (1 << 31) - 1 + (3 << 32)
+
+
 def _decode(e) -> Entry:
     hardlink = ffi.entry_hardlink(e) or _hardlink_utf8(e)
     symlink = ffi.entry_symlink(e) or _symlink_utf8(e)
@@ -189,6 +194,10 @@ def _decode(e) -> Entry:
     for what, value in (("uid", ffi.entry_uid(e)), ("gid", ffi.entry_gid(e))):
         if not 0 <= value < 0xFFFFFFFF:        # (uid_t)-1 means "no change" to chown
             raise InvalidInput(f"{name.decode('utf-8', 'replace')}: {what} {value} is out of range")
+    for what, value in (("mtime", mtime_ns), ("atime", atime_ns)):
+        if not EXT4_TIME_MIN <= value // 1_000_000_000 <= EXT4_TIME_MAX:
+            raise InvalidInput(f"{name.decode('utf-8', 'replace')}: {what} {value // 1_000_000_000} is out of "
+                               f"range (ext4 holds 1901-12-13 to 2446-05-10)")
     return Entry(
         name=name,
         filetype=ffi.entry_filetype(e) & AE_IFMT,
