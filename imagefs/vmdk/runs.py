@@ -120,7 +120,7 @@ class GrainMapped:
                 else:
                     wanted.append((offset, index))
         following = {}      # file offset -> index of a table after ``last``, not cached
-        for index in range(stop, min(stop + ahead, self.n_tables)):
+        for index in range(stop, min(stop + ahead, self.n_tables) if wanted else stop):
             if index not in self._tables:
                 offset = self._table_offset(self._gd_entry(index))
                 if offset is not None:
