@@ -211,13 +211,14 @@ def main(argv):
                 runs[p.name].append(measure(p, runtime))
         results[setup] = {name: {k: statistics.median(r[k] or 0 for r in rs) for k in rs[0]}
                           for name, rs in runs.items()}
+        results[setup + " runs"] = runs          # every run, for the spread
         print(f"\n{setup}: medians of {n_runs} runs")
         print(table(results[setup]))
     results["load average after"] = loadavg()
     print(f"load average after: {results['load average after']}")
     with tempfile.NamedTemporaryFile("w", dir=WORK, prefix="results-", suffix=".json", delete=False) as f:
         json.dump(results, f, indent=2)
-    print(f"(raw numbers in {f.name})")
+    print(f"(medians and every run in {f.name})")
 
 
 if __name__ == "__main__":
