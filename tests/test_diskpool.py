@@ -229,7 +229,8 @@ class CountingHandle:
 def test_a_chain_reads_each_layers_grain_tables_in_few_reads(tmp_path):
     """qemu's deltas have a 2 KiB grain table per 32 MiB, laid out in order: mapping
     256 MiB through 3 empty deltas reads each layer's tables in one go (with its grain
-    directory), not one read per table (8 here, 1,400 for a 200 MiB file at depth 128)."""
+    directory), not one read per table (8 here, 1,400 for a 200 MiB file at depth 128),
+    and keeps none of those empty tables."""
     root = str(tmp_path)
     subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", os.path.join(root, "l0.vmdk"), "1G"], check=True)
     for i in range(1, 4):
@@ -243,5 +244,7 @@ def test_a_chain_reads_each_layers_grain_tables_in_few_reads(tmp_path):
         assert chain.pread(100 << 20, 4096) == bytes(4096)
         assert sorted(counts) == [f"l{i}.vmdk" for i in range(4)]
         assert max(counts.values()) <= 2, counts         # the grain directory, then the tables
+        # tables of holes only are kept as "all hole", not as arrays of zeros
+        assert all(layer.extents[0].table(t) is None for layer in chain.layers for t in range(8))
     finally:
         chain.close()

@@ -99,7 +99,8 @@ class GrainMapped:
         return entries[i]
 
     def table(self, index):
-        """Decoded grain table ``index`` (an array), or None when the whole span is a hole."""
+        """Decoded grain table ``index`` (an array), or None when the whole span is a hole
+        (no table, or one of holes only)."""
         try:
             return self._tables[index]
         except KeyError:
@@ -138,7 +139,10 @@ class GrainMapped:
                 part = raw[k * nbytes:(k + 1) * nbytes]
                 if len(part) != nbytes:
                     raise CorruptDisk(f"{self.path}: grain table {index} is truncated")
-                loaded[index] = self._remember(index, self._decode(part))
+                table = self._decode(part)
+                # a table of holes only (qemu allocates every table of a delta) is kept as
+                # None, "the whole span is a hole": a deep chain of such deltas costs no memory
+                loaded[index] = self._remember(index, None if not table.tobytes().strip(b"\0") else table)
         return loaded
 
     def _remember(self, index, table):
