@@ -5,6 +5,7 @@ served. The long campaign is ``python -m fuzz.run`` (docs/reliability.md)."""
 import errno
 import gc
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -197,18 +198,25 @@ def _write_one_file_tar(tmp_path, **attrs):
 def test_a_negative_owner_in_a_tar_is_one_line(tmp_path, field):
     """Found by the campaign: a base-256 negative uid reached chown and raised OverflowError."""
     proc, images = _write_one_file_tar(tmp_path, **{field: -5})
-    assert proc.returncode != 0 and proc.stderr.splitlines() == [f"imagefs: f: {field} -5 is out of range"]
+    assert proc.returncode != 0 and proc.stderr.splitlines() == [f"imagefs: layer entry 'f': {field} -5 is out of range"]
     assert images == ["scratch"]
 
 
-@pytest.mark.parametrize("mtime", [1 << 40, -(1 << 40)])
-def test_a_time_ext4_cannot_hold_is_one_line(tmp_path, mtime):
-    """Found by the campaign: a base-256 mtime of 2**63 ns and more reached the layer model's
-    SQLite table as OverflowError; times outside ext4's range are refused in one line."""
+@pytest.mark.parametrize("mtime", [1 << 40, (1 << 63) // 10**9 + 1, -(1 << 31) - 1])
+def test_a_time_out_of_range_is_one_line(tmp_path, mtime):
+    """Found by the campaign: a base-256 mtime or atime of 2**63 ns and more reached the layer
+    model's SQLite table as OverflowError; times a layer cannot hold are refused in one line."""
     proc, images = _write_one_file_tar(tmp_path, mtime=mtime)
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
-        f"imagefs: f: mtime {mtime} is out of range (ext4 holds 1901-12-13 to 2446-05-10)"]
+        f"imagefs: layer entry 'f': mtime {mtime} is out of range (a layer holds 1901-12-13 to 2262-04-11)"]
     assert images == ["scratch"]
+
+
+@pytest.mark.parametrize("mtime", [(1 << 63) // 10**9, -(1 << 31)])
+def test_the_times_at_the_ends_of_the_range_are_kept(tmp_path, mtime):
+    proc, images = _write_one_file_tar(tmp_path, mtime=mtime)
+    assert proc.returncode == 0, proc.stderr
+    assert images == ["scratch", "x"]
 
 
 def test_ctrl_c_stops_a_campaign_started_in_the_background(tmp_path):
@@ -232,7 +240,8 @@ def test_ctrl_c_stops_a_campaign_started_in_the_background(tmp_path):
             proc.wait()
     assert proc.returncode == 130, out
     summary = out.strip().splitlines()[-1]
-    assert summary.startswith("tar: ") and " executions, " in summary and " 0 failures" in summary, out
+    # what the inputs it reached in 5 s found is the short run's business (a fixed count), not this test's
+    assert re.fullmatch(r"tar: \d+ executions, \d+ clear errors, \d+ failures \([\d.]+ s\)", summary), out
 
 
 # --- crafted inputs of the formats target (fuzz/format_seeds.py) ------------------------------
