@@ -4,7 +4,8 @@
 (``unshare``). There /etc, /opt, /usr/sbin (so /sbin), /var/lib, /var/tmp and the
 checkout are overlays whose writes land in a tmpfs of the sandbox's own, so a doc can write
 /etc/fstab, install /sbin/mount.fuse.imagefs, keep a datastore in /var/lib/imagefs or
-run scripts/quickstart.sh without touching the machine; /tmp is an empty tmpfs, as
+run scripts/quickstart.sh without touching the machine (layer writers work in a
+directory of the sandbox's own, ``$IMAGEFS_WORKDIR``); /tmp is an empty tmpfs, as
 after a boot, HOME an empty directory in it, and /opt/imagefs the checkout (as the
 systemd unit example names it). Mounts made
 inside are seen by nobody else. At the end every imagefs mount made inside is
@@ -30,6 +31,10 @@ for d in $OVERLAID; do
 done
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mkdir -p /opt/imagefs /tmp/home "$workdir"
+# Layer writers' work directories of the sandbox's own: a flock does not cross the overlay,
+# so a live writer's directory of the host would look dead here, and be "recovered".
+export IMAGEFS_WORKDIR="${IMAGEFS_WORKDIR:-/var/tmp/imagefs-sandbox-work}"
+mkdir -p "$IMAGEFS_WORKDIR"
 mount --bind "$CHECKOUT" /opt/imagefs
 imagefs_mounts() {   # mountpoints of fuse.imagefs mounts, deepest first
     awk '{for (i = 7; i < NF; i++) if ($i == "-") { if ($(i + 1) == "fuse.imagefs") print $5; break }}' \

@@ -151,3 +151,23 @@ def test_sum_accepts_a_truncated_import(mnt, tars):
     with open(target, "wb") as f:
         f.write(data)
     assert sorted(os.listdir(image_path(mnt, "cut-with-sum", "rootfs", "t"))) == ["f0", "f1", "f2"]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("after", ["padding", "garbage"])
+def test_bytes_after_a_commit(mnt, tars, tmp_path, shell, after):
+    """``{ head -c N; tail -c +N+1; } > import/x`` with the end-of-archive marker in the first
+    part: head's close commits the layer, and the record padding that tail writes after it
+    is accepted (tar -cf pads to 10 KiB); anything but zeros there fails tail, not the layer."""
+    with open(tars["full"], "rb") as f:
+        full = f.read()
+    end = len(_cut_between_members(full, -1)) + 1024         # the last member, then the marker
+    tail = bytes(10240) if after == "padding" else b"more data after the end" * 100
+    source = tmp_path / "layer.tar"
+    source.write_bytes(full[:end] + tail)
+    name = f"after-{after}-{shell}"
+    target = image_path(mnt, "base", "import", name)
+    proc = subprocess.run([shell, "-c", f'{{ head -c {end} "{source}"; tail -c +{end + 1} "{source}"; }} > "{target}"'],
+                          capture_output=True, text=True)
+    assert (proc.returncode == 0) == (after == "padding"), proc.stderr
+    assert sorted(os.listdir(image_path(mnt, name, "rootfs", "t"))) == [f"f{i}" for i in range(6)]

@@ -7,7 +7,9 @@ import shutil
 import pytest
 
 from imagefs.errors import CorruptDisk
-from vmdk_fixtures import MiB, chain, make_base, make_child, make_raw
+from imagefs.datastore.local import LocalReadHandle
+from imagefs.vmdk import DiskChain
+from vmdk_fixtures import MiB, chain, make_base, make_child, make_raw, set_value
 
 SIZE = 4 * MiB
 
@@ -65,3 +67,29 @@ def test_mutated_metadata_gives_corrupt_disk_or_reads(tmp_path, disks, fmt):
             message = str(err)
             assert "\n" not in message and message.split(": ", 1)[0].strip(), message
         shutil.rmtree(root)
+
+
+def test_a_parent_loop_whose_cids_agree_is_called_one_at_once(tmp_path):
+    """A's parent is B and B's is A, each parentCID the other's CID: the chain stops at the
+    first disk met twice (it used to open 4,096 disks before calling it a loop)."""
+    root = str(tmp_path)
+    raw = str(tmp_path / "raw")
+    make_raw(raw, SIZE, 5, [(0, MiB)])
+    base = make_base(root, "base", "vmfs", raw)
+    a = make_child(root, base, "a", "vmfsSparse", [(0, 4096)], seed=1)
+    b = make_child(root, base, "b", "vmfsSparse", [(4096, 4096)], seed=2)
+    set_value(os.path.join(root, a), "CID", "aaaaaaaa")
+    set_value(os.path.join(root, b), "CID", "bbbbbbbb")
+    set_value(os.path.join(root, a), "parentCID", "bbbbbbbb")
+    set_value(os.path.join(root, b), "parentCID", "aaaaaaaa")
+    set_value(os.path.join(root, a), "parentFileNameHint", '"../b/b.vmdk"')
+    set_value(os.path.join(root, b), "parentFileNameHint", '"../a/a.vmdk"')
+    opened = []
+
+    def opener(path):
+        opened.append(path)
+        return LocalReadHandle(os.path.join(root, path))
+
+    with pytest.raises(CorruptDisk, match=r"^a/a.vmdk: its disk chain loops \(back to a/a.vmdk\)$"):
+        DiskChain(a, opener)
+    assert len(opened) <= 6

@@ -17,7 +17,8 @@ The life of one import (docs/mount.md has the user's view):
    close, even where the shell keeps another descriptor until after ``cat`` exits
    (dash). Before the marker, a flush commits only if no other descriptor of the file
    is left (``{ a; b; } > import/x`` flushes after ``a``). A handle opened without
-   O_TRUNC that wrote nothing (``touch``) commits nothing.
+   O_TRUNC that wrote nothing (``touch``) commits nothing. Zeros written after a
+   commit are the tar's record padding, accepted and dropped; other bytes are EINVAL.
 4. A failure leaves no image and ``import/<new-id>.error`` with the reason (also logged).
 
 Shutting down aborts the sessions still receiving bytes (the writer undoes its work)
@@ -220,6 +221,11 @@ class ImportSession:
         async with self._write_lock:
             if self.state == PENDING:
                 self._start()
+            if self.state == DONE and self._error is None and off >= self.received and not data.strip(b"\0"):
+                # zeros after a committed layer's end-of-archive marker: the tar's record padding
+                # (tar -cf pads to 10 KiB), arriving after an earlier close committed the layer
+                self.received = off + len(data)
+                return len(data)
             if self.state != RECEIVING:
                 raise self._result_error()
             if off < self.received:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from ..errors import InvalidInput, ToolFailed
 from ..ext4 import encode_rdev, time_extra
+from .tarread import show_name as _show
 from .tools import run
 
 PRIVILEGED_XATTR_PREFIXES = ("trusted.", "security.")
@@ -201,8 +202,4 @@ def _q(s: bytes) -> bytes:
     if b"\n" in s:
         raise InvalidInput(f"cannot defer an operation on {_show(s)}: newline in name")
     return b'"' + s.replace(b'"', b'""') + b'"'
-
-
-def _show(path: bytes) -> str:
-    return repr(os.fsdecode(path))
 

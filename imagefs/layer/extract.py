@@ -33,6 +33,7 @@ from .confine import Root, join, remove_at, split
 from .deferred import DeferredOps, NodeMeta, is_protected_link_source, needs_privilege
 from .model import KIND_BLK, KIND_CHR, KIND_DIR, KIND_FIFO, KIND_LNK, KIND_REG, DataDigest, LayerModel
 from .tarread import ACL_ACCESS_XATTR, ACL_DEFAULT_XATTR, Entry, TarStream, open_tar
+from .tarread import show_name as _show
 
 WHITEOUT = b".wh."
 OPAQUE = b".wh..wh..opq"
@@ -437,11 +438,3 @@ def _translate(err: OSError, name: bytes) -> ImageFSError:
     failure = ImageFSError(what)
     failure.errno = err.errno or errno.EIO
     return failure
-
-
-def _show(path: bytes | None) -> str:
-    """A name for a one-line message: a huge one (a tar bomb's) is cut in the middle."""
-    text = os.fsdecode(path or b"")
-    if len(text) > 120:
-        text = f"{text[:80]}...{text[-30:]} ({len(path)} bytes)"
-    return repr(text)

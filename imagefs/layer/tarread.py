@@ -7,6 +7,7 @@ ImageFSError); libarchive's own errors become InvalidInput.
 """
 import ctypes
 import logging
+import os
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -177,6 +178,23 @@ def open_tar(stream: BinaryIO) -> Iterator[TarStream]:
         ffi.read_free(archive_p)
 
 
+def show_name(path: bytes | None) -> str:
+    """A layer entry's name for a one-line message: quoted with its control characters
+    escaped, and a huge one (a tar bomb's) cut in the middle."""
+    text = os.fsdecode(path or b"")
+    if len(text) > 120:
+        text = f"{text[:80]}...{text[-30:]} ({len(path)} bytes)"
+    return repr(text)
+
+
+# Times a layer may hold, in seconds: from ext4's earliest (1901-12-13) to the last whole
+# second that nanoseconds in a signed 64-bit integer reach (2262-04-11: the layer model's
+# SQLite columns; ext4 itself goes on to 2446). A tar's base-256 fields go much further.
+TIME_MIN = -(1 << 31)
+TIME_MAX = ((1 << 63) - 1) // 1_000_000_000
+TIME_RANGE = "1901-12-13 to 2262-04-11"
+
+
 def _decode(e) -> Entry:
     hardlink = ffi.entry_hardlink(e) or _hardlink_utf8(e)
     symlink = ffi.entry_symlink(e) or _symlink_utf8(e)
@@ -188,7 +206,11 @@ def _decode(e) -> Entry:
     name = ffi.entry_pathname(e) or _pathname_utf8(e) or b""
     for what, value in (("uid", ffi.entry_uid(e)), ("gid", ffi.entry_gid(e))):
         if not 0 <= value < 0xFFFFFFFF:        # (uid_t)-1 means "no change" to chown
-            raise InvalidInput(f"{name.decode('utf-8', 'replace')}: {what} {value} is out of range")
+            raise InvalidInput(f"layer entry {show_name(name)}: {what} {value} is out of range")
+    for what, value in (("mtime", mtime_ns), ("atime", atime_ns)):
+        if not TIME_MIN <= value // 1_000_000_000 <= TIME_MAX:
+            raise InvalidInput(f"layer entry {show_name(name)}: {what} {value // 1_000_000_000} is out of range "
+                               f"(a layer holds {TIME_RANGE})")
     return Entry(
         name=name,
         filetype=ffi.entry_filetype(e) & AE_IFMT,

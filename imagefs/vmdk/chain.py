@@ -53,6 +53,8 @@ class DiskChain:
                 if len(self.layers) >= MAX_DEPTH:
                     raise CorruptDisk(f"{top_path}: disk chain deeper than {MAX_DEPTH} (a loop?)")
                 path = disk.info.parent_path(names)
+                if path in self.paths:     # a loop whose CIDs agree: stop at once, not at MAX_DEPTH
+                    raise CorruptDisk(f"{top_path}: its disk chain loops (back to {path})")
         except BaseException:
             self.close()
             raise

@@ -5,8 +5,10 @@ every extent line is RW and of a type it reads (it skips ZERO and RDONLY lines,
 shrinking the disk), and each parent hint is a path it can resolve (relative names:
 yes; ``/vmfs/volumes/...`` and ``[datastore] path``: no). For any other chain,
 ``qemu_parent`` writes stand-in descriptors in a work directory: the same CIDs, the
-extents by absolute host path (ZERO extents as FLAT extents on an empty sparse file),
-and each parent hint naming the next stand-in. qemu then reads the very same bytes
+extents by host path relative to that directory (ZERO extents as FLAT extents on an
+empty sparse file), and each parent hint naming the next stand-in. Relative names, as
+qemu resolves them, keep the stand-ins readable by imagefs's own reader too, with the
+host's "/" as the datastore (the writer's read-back, layer/verify.py). qemu then reads the very same bytes
 through them; the new layer's real parent hint is written when it is sealed
 (layer_format.seal_as).
 """
@@ -48,7 +50,7 @@ def qemu_parent(chain, local_path, workdir=None):
         for i, disk in enumerate(chain.layers):
             desc = _stand_in(disk, local_path, work, i)
             if i + 1 < len(names):
-                desc.values["parentFileNameHint"] = names[i + 1]
+                desc.values["parentFileNameHint"] = os.path.basename(names[i + 1])
             with open(names[i], "w") as f:
                 f.write(desc.render())
         yield names[0]
@@ -66,9 +68,9 @@ def _stand_in(disk, local_path, work, index):
             zero = os.path.join(work, f"layer{index}-zero{n}.raw")
             with open(zero, "wb") as f:
                 f.truncate(line.sectors * 512)
-            desc.extents.append(ExtentLine("RW", line.sectors, "FLAT", zero, 0))
+            desc.extents.append(ExtentLine("RW", line.sectors, "FLAT", os.path.basename(zero), 0))
             continue
-        host = local_path(next(files))
+        host = os.path.relpath(local_path(next(files)), work)
         if line.type in ("FLAT", "VMFS"):
             desc.extents.append(ExtentLine("RW", line.sectors, "FLAT", host, line.offset))
         else:
