@@ -25,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchlib import drop_caches, empty_delta_image, timed  # noqa: E402
+from benchlib import drop_caches, empty_delta_image, loadavg, timed  # noqa: E402
 from imagefs.datastore import open_datastore  # noqa: E402
 from imagefs.store import ImageStore  # noqa: E402
 
@@ -116,8 +116,7 @@ def main(argv):
             ("API, cold: open + stat walk", lambda im: api_sample(ds, im, "find", True)),
             ("API, warm: open + read 200 MiB", lambda im: api_sample(ds, im, "dd", False)),
             ("API, warm: open + stat walk", lambda im: api_sample(ds, im, "find", False))]
-    with open("/proc/loadavg") as f:
-        print(f"load average before: {' '.join(f.read().split()[:3])}; medians of {runs} runs")
+    print(f"load average before: {loadavg()}; medians of {runs} runs")
     print(f"| case | depth 1 s | depth {DEPTH} s | depth 1 / depth {DEPTH} |")
     print("|---|---|---|---|")
     for name, sample in rows:
@@ -127,8 +126,7 @@ def main(argv):
                 times[im].append(sample(im))
         one, deep = (statistics.median(times[im]) for im in images)
         print(f"| {name} | {one:.3f} | {deep:.3f} | {one / deep:.2f} |", flush=True)
-    with open("/proc/loadavg") as f:
-        print(f"load average after: {' '.join(f.read().split()[:3])}")
+    print(f"load average after: {loadavg()}")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import drop_caches, timed
+from benchlib import drop_caches, loadavg, timed
 
 DATA = "/var/tmp/imagefs-bench"
 WORK = "/var/tmp/imagefs-bench-fuse"
@@ -200,7 +200,8 @@ def main(argv):
     raw = ensure_data(DATA)
     setups = {"raw": lambda: (ensure_datastore(raw), raw, "scratch"),
               "layer": lambda: (*ensure_layer_datastore(DATA), "tree")}
-    results = {}
+    results = {"load average before": loadavg()}
+    print(f"load average before: {results['load average before']}")
     for setup in (["raw", "layer"] if which == "both" else [which]):
         ds, disk, image = setups[setup]()
         ps = peers(disk, ds, image)
@@ -210,11 +211,14 @@ def main(argv):
                 runs[p.name].append(measure(p, runtime))
         results[setup] = {name: {k: statistics.median(r[k] or 0 for r in rs) for k in rs[0]}
                           for name, rs in runs.items()}
+        results[setup + " runs"] = runs          # every run, for the spread
         print(f"\n{setup}: medians of {n_runs} runs")
         print(table(results[setup]))
+    results["load average after"] = loadavg()
+    print(f"load average after: {results['load average after']}")
     with tempfile.NamedTemporaryFile("w", dir=WORK, prefix="results-", suffix=".json", delete=False) as f:
         json.dump(results, f, indent=2)
-    print(f"(raw numbers in {f.name})")
+    print(f"(medians and every run in {f.name})")
 
 
 if __name__ == "__main__":

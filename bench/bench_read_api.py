@@ -20,12 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from imagefs.datastore.local import LocalReadHandle  # noqa: E402
 from imagefs.tree import ImageTree  # noqa: E402
 from imagefs.vmdk import DiskChain  # noqa: E402
-
-
-def drop_caches():
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
+from benchlib import drop_caches  # noqa: E402
 
 
 def timed(fn):

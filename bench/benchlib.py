@@ -1,4 +1,4 @@
-"""Pieces the benchmarks share: dropping the page cache, timing, tiny images."""
+"""Pieces the benchmarks share: dropping the page cache, timing, the load average, tiny images."""
 import os
 import subprocess
 import time
@@ -16,6 +16,12 @@ def timed(fn):
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def loadavg():
+    """The 1, 5 and 15 minute load averages: how busy the shared machine was."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def empty_delta_image(images_dir, image_id, parent):
