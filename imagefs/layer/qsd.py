@@ -8,6 +8,14 @@ SIGTERM if the thread that started it dies (``spawn``), so a killed writer leave
 qsd running; ``recover.py`` then removes the stale export. Start and stop must happen
 in one thread.
 
+qemu's vmdk driver flushes (fdatasync) its file after every grain it allocates, to order
+the grain before its table entry for a host crash: 3,200 fdatasyncs for 200 MB, most of
+an import's time. A crash mid-write discards the layer whatever its disk holds (nothing
+is committed before the writer's own fsync of the sealed disk), so the export runs with
+``cache.no-flush=on`` and the writer makes the disk durable once, after qsd's exit
+(``writer.fsync_file``); a write the datastore cannot take still fails at its write, or
+at that fsync.
+
 qsd's exit code alone says little: write errors of the export go to its client (the
 loop device or fuse2fs, whose errors we check), and anything qsd logs is an error too.
 """
@@ -57,7 +65,7 @@ class StorageDaemon:
     def start(self) -> None:
         open(self.raw, "wb").close()                    # the export's mountpoint
         cmd = ["qemu-storage-daemon",
-               "--blockdev", f"driver=file,node-name=f0,filename={_opt(self.vmdk)}",
+               "--blockdev", f"driver=file,node-name=f0,filename={_opt(self.vmdk)},cache.no-flush=on",
                "--blockdev", "driver=vmdk,node-name=d0,file=f0",
                "--export", f"type=fuse,id=e0,node-name=d0,mountpoint={_opt(self.raw)},writable=on",
                "--chardev", f"socket,id=qmp0,path={_opt(self._qmp_path)},server=on,wait=off",

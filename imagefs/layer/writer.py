@@ -117,8 +117,7 @@ def write_layer(parent_vmdk: str, child_vmdk: str, stream: BinaryIO, *,
                         on_archive_end()
                     reader.drain()
                     _check_stream(stats, reader, expected_sum)
-                crash_point("sealed")
-                fsync_file(child_vmdk)
+                crash_point("sealed")                 # sealed and durable (writable_mount)
                 verify_layer(child_vmdk, model)
                 crash_point("verified")
             finally:
@@ -185,7 +184,8 @@ def _has_room(child_vmdk: str) -> bool:
 def writable_mount(vmdk: str, *, method: str | None = None, workdir: str | None = None,
                    work: WorkDir | None = None) -> Iterator[MountedLayer]:
     """Mount the ext4 of ``vmdk`` read-write; on a clean exit seal it (sync and unmount,
-    deferred operations, ``e2fsck -fn`` clean, qsd stopped). On an exception only unwind.
+    deferred operations, ``e2fsck -fn`` clean, qsd stopped) and make ``vmdk`` durable
+    (qsd never flushes it: see qsd.py). On an exception only unwind.
     ``work`` is the work directory to use (else a new one in ``workdir``).
 
     Each resource is started right where its stop is registered, so whatever a failure
@@ -195,6 +195,7 @@ def writable_mount(vmdk: str, *, method: str | None = None, workdir: str | None 
     with ExitStack() as stack:
         if work is None:
             work = stack.enter_context(WorkDir(workdir))
+        stack.push(_on_success(lambda: fsync_file(vmdk)))         # runs once qsd has exited
         qsd = stack.enter_context(StorageDaemon(vmdk, work))
         stack.push(_on_success(lambda: _check_fs(qsd.raw)))
         deferred = DeferredOps(work.path) if method == "fuse2fs" and _defer_privileged() else None
