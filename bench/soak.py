@@ -62,6 +62,7 @@ LONG_RUN = 300
 FLAT_FDS, FLAT_RSS_MB = 32, 24
 IMAGEFS = [sys.executable, "-m", "imagefs"]
 ALLOWED = {"EBUSY", "EEXIST", "ENOTEMPTY"}
+MADE_AGAIN = "deleted and made again meanwhile"
 
 
 def layer_tar(rng, image_id):
@@ -152,18 +153,24 @@ class Soak:
             self.serial += 1
             return f"{prefix}{self.serial}"
 
-    def pick(self, rng, states=("committed",), leaf=False, not_scratch=False):
+    def pick(self, rng, **kw):
+        img = self.pick_image(rng, **kw)
+        return None if img is None else img.id
+
+    def pick_image(self, rng, states=("committed",), leaf=False, not_scratch=False):
+        """An image in one of ``states``: the Image that stands for this incarnation of its ID (once
+        the soak deleted it, a reuse import may make the ID again, under a new Image)."""
         with self.lock:
             ids = sorted(i for i, img in self.images.items() if img.state in states
                          and not (not_scratch and i == "scratch")
                          and not (leaf and any(c.parent == i and c.state != "deleted" for c in self.images.values())))
-        return rng.choice(ids) if ids else None
+            return self.images[rng.choice(ids)] if ids else None
 
-    def expected_files(self, image_id):
-        """Every file of an image: its layer's over its parents'."""
+    def expected_files(self, image_id, img=None):
+        """Every file of an image (of incarnation ``img``, else the current one): its layer's over its parents'."""
         chain = []
         with self.lock:
-            img = self.images.get(image_id)
+            img = img or self.images.get(image_id)
             while img is not None:
                 chain.append(img)
                 img = self.images.get(img.parent) if img.parent else None
@@ -172,24 +179,36 @@ class Soak:
             out.update(img.files)
         return out
 
-    def gone(self, image_id):
+    def gone(self, image_id, img=None):
+        """Is the image being deleted or deleted by the soak: the ID's current incarnation, or
+        ``img``, the one an operation picked (which a reuse import may have replaced since)?"""
         with self.lock:
-            img = self.images.get(image_id)
-            return img is not None and img.state in ("deleting", "deleted")
+            return any(i is not None and i.state in ("deleting", "deleted") for i in (self.images.get(image_id), img))
 
-    def outcome(self, kind, err, image_id=None, detail=""):
-        """Record an OSError outcome; a failure unless allowed."""
+    def outcome(self, kind, err, image_id=None, detail="", img=None):
+        """Record an OSError outcome; a failure unless allowed (``img``: the incarnation picked)."""
         name = errno.errorcode.get(err.errno, str(err.errno)) if isinstance(err, OSError) else type(err).__name__
         if name in ALLOWED:
             self.stats.count(kind, name)
-        elif name == "ENOENT" and image_id is not None and self.gone(image_id):
+        elif name == "ENOENT" and image_id is not None and self.gone(image_id, img):
             self.stats.count(kind, "ENOENT (deleted meanwhile)")
         else:
             self.fail(kind, f"{image_id or ''} {detail}: {name}: {err}")
 
+    def wrong(self, kind, what, img):
+        """Content other than the tars said: a failure, unless the soak deleted the incarnation
+        read meanwhile and a reuse import made its ID again (the path names another image now)."""
+        if self.gone(img.id, img):
+            self.stats.count(kind, MADE_AGAIN)
+        else:
+            self.fail(kind, what)
+
     def fail(self, kind, what):
         self.stats.count(kind, "FAILURE")
-        self.stats.failures.append(f"{time.monotonic() - self.started:.1f} s: {kind} {what}")
+        now = time.time()       # also the wall clock, to find the moment in the daemon's log
+        self.stats.failures.append(f"{time.monotonic() - self.started:.1f} s "
+                                   f"({time.strftime('%H:%M:%S', time.localtime(now))},{int(now % 1 * 1000):03d}): "
+                                   f"{kind} {what}")
 
     def cli(self, *args):
         with self.gate.spawning():
@@ -248,36 +267,38 @@ class Soak:
                 self.images[image_id] = Image(image_id, parent, files)
 
     def op_read(self, rng):
-        image_id = self.pick(rng)
-        if image_id is None:
+        picked = self.pick_image(rng)
+        if picked is None:
             return
-        want = self.expected_files(image_id)
+        image_id = picked.id
+        want = self.expected_files(image_id, picked)
         root = os.path.join(self.mnt, STORE, "images", image_id, "rootfs")
         try:
             for name in sorted(want)[:8]:
                 with open(os.path.join(root, name), "rb") as f:
                     if f.read() != want[name]:
-                        self.fail("read", f"{image_id}/{name}: wrong content")
+                        self.wrong("read", f"{image_id}/{name}: wrong content", picked)
                         return
             self.stats.count("read", "ok")
         except OSError as e:
-            self.outcome("read", e, image_id)
+            self.outcome("read", e, image_id, img=picked)
 
     def op_export(self, rng):
-        image_id = self.pick(rng)
-        if image_id is None:
+        picked = self.pick_image(rng)
+        if picked is None:
             return
-        want = self.expected_files(image_id)
+        image_id = picked.id
+        want = self.expected_files(image_id, picked)
         try:
             with open(os.path.join(self.mnt, STORE, "images", image_id, "rootfs.tar"), "rb") as f:
                 data = f.read()
         except OSError as e:
-            self.outcome("export", e, image_id)
+            self.outcome("export", e, image_id, img=picked)
             return
         with tarfile.open(fileobj=io.BytesIO(data)) as tf:
             got = {m.name: tf.extractfile(m).read() for m in tf if m.isfile() and m.name in want}
         if got != want:
-            self.fail("export", f"{image_id}: {len(got)} of {len(want)} files right")
+            self.wrong("export", f"{image_id}: {len(got)} of {len(want)} files right", picked)
         else:
             self.stats.count("export", "ok")
 

@@ -137,6 +137,7 @@ class ImageStore:
         self.catalogue_ttl = catalogue_ttl
         self._cleaned = set()
         self._catalogues = {}         # store -> (monotonic time built, Catalogue)
+        self._generations = {}        # store -> how many changes this object made to it
         self._containers = None       # (monotonic time listed, [Container])
         self._parents = {}            # (disk, size, mtime) -> parent disk path or None
         self.disks = DiskPool(self.ds.open_read, self.ds.hint_names)   # the layer disks read, shared
@@ -232,6 +233,18 @@ class ImageStore:
     def delete_store(self, name, force=False):
         """Delete a store. Refused (InUse) while it holds images other than scratch, unless force."""
         self.get_store(name)
+        try:
+            self._delete_store(name, force)
+        except (NotFound, FileNotFoundError):
+            if self.ds.is_dir(_images_dir(name)):
+                raise
+            # deleted by another process since the check above (found by the soak: two `store rm`)
+            raise NotFound(f"image store {name} not found") from None
+        self._cleaned.discard(name)
+        self._changed(name)
+        log.info("deleted image store %s", name)
+
+    def _delete_store(self, name, force):
         images = [i for i in self._image_ids(name) if i != SCRATCH]
         containers = [c for c in self.list_containers() if c.store == name]
         if containers:
@@ -243,9 +256,6 @@ class ImageStore:
             if writing:
                 raise InUse(f"image store {name} has a layer write in progress ({', '.join(writing)})")
             self.ds.rmtree(_store_dir(name))
-        self._cleaned.discard(name)
-        self._changed(name)
-        log.info("deleted image store %s", name)
 
     # --- half-made images ---------------------------------------------------------------------
     # A write claims images/<id> under the store lock: it creates the directory and takes
@@ -373,6 +383,7 @@ class ImageStore:
         now = time.monotonic()
         if cached is not None and now - cached[0] < self.catalogue_ttl:
             return cached[1]
+        generation = self._generations.get(store, 0)
         names = self._walk_images(store)
         images, usage, children = {}, {}, {}
         for image_id, held in sorted(names.items()):
@@ -395,7 +406,10 @@ class ImageStore:
             if img.parent is not None:
                 children.setdefault(img.parent, []).append(img.id)
         catalogue = Catalogue(images, usage, children)
-        self._catalogues[store] = (now, catalogue)
+        if self._generations.get(store, 0) == generation:
+            # kept only if this object changed nothing meanwhile (another thread's delete must
+            # not be answered from a walk made before it)
+            self._catalogues[store] = (now, catalogue)
         return catalogue
 
     def _parent_disk(self, disk, info):
@@ -410,6 +424,7 @@ class ImageStore:
         if store is None:
             self._containers = None
         else:
+            self._generations[store] = self._generations.get(store, 0) + 1
             self._catalogues.pop(store, None)
 
     def get_image(self, store, image_id):

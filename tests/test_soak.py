@@ -10,7 +10,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
-from soak import resource_problems  # noqa: E402
+from soak import MADE_AGAIN, Image, Soak, resource_problems  # noqa: E402
 
 
 def test_sixty_seconds_of_everything_at_once(tmp_path):
@@ -29,7 +29,7 @@ def test_sixty_seconds_of_everything_at_once(tmp_path):
     assert ops["import (mount)"].get("EEXIST", 0) + ops["import (CLI)"].get("EEXIST", 0) > 0
     outcomes = {o for kind in ops.values() for o in kind}
     assert outcomes <= {"ok", "EBUSY", "EEXIST", "ENOTEMPTY", "ENOENT (deleted meanwhile)",
-                        "ENOENT (not made yet)"}, outcomes
+                        "ENOENT (not made yet)", MADE_AGAIN}, outcomes
     assert summary["images_verified"] > 20
     # descriptors, memory and threads stayed within fixed margins over the idle daemon, however
     # many images it opened (bench/soak.py resource_problems: the disk pool's MAX_OPEN layer files,
@@ -38,6 +38,31 @@ def test_sixty_seconds_of_everything_at_once(tmp_path):
     idle, images = summary["idle"], summary["images"]
     assert images[1] - images[0] > 50, summary["samples"]       # enough new images to show a leak
     assert summary["max"]["fds"] > idle["fds"], summary         # the images' layers were opened
+
+
+def test_a_read_of_an_image_the_soak_deleted_is_judged_by_the_incarnation_it_read(tmp_path):
+    """The soak's own race (a 60-s run failed with "read c2: ENOENT"): a reader picked c2, the
+    soak deleted c2, and an import reusing the ID on purpose (expecting EEXIST) then made a new
+    c2, replacing c2's entry in the soak's books before the reader judged its ENOENT. The reader
+    looked at the new, committed entry and called the ENOENT a failure; it must look at the
+    incarnation it read. A read of the new c2 that fails is still one."""
+    import argparse
+    import errno
+    soak = Soak(argparse.Namespace(work=str(tmp_path), imports=1, seed=1, seconds=1))
+    rng = __import__("random").Random(1)
+    soak.images["c2"] = Image("c2", "scratch", {"d/c2/f0": b"old"})
+    picked = soak.pick_image(rng, not_scratch=True)
+    assert picked is soak.images["c2"]
+    picked.state = "deleted"                                         # the soak's rmdir of c2
+    soak.images["c2"] = Image("c2", "scratch", {"d/c2/f0": b"new"})  # the reuse import made it again
+    enoent = FileNotFoundError(errno.ENOENT, "No such file or directory")
+    soak.outcome("read", enoent, "c2", img=picked)
+    soak.wrong("read", "c2/d/c2/f0: wrong content", picked)         # it read the new c2's file
+    assert soak.stats.failures == []
+    assert soak.stats.ops["read"] == {"ENOENT (deleted meanwhile)": 1, MADE_AGAIN: 1}
+    assert soak.expected_files("c2", picked) == {"d/c2/f0": b"old"}
+    soak.outcome("read", enoent, "c2", img=soak.images["c2"])      # the new c2, not deleted
+    assert len(soak.stats.failures) == 1 and "read c2" in soak.stats.failures[0]
 
 
 def test_the_resource_check_tells_bounded_from_growing_with_the_images():

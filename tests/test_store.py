@@ -116,7 +116,50 @@ def test_delete_store_refused_while_it_holds_images(st, store):
         st.get_store("t")
 
 
+def test_deleting_a_store_another_process_just_deleted_says_not_found(st, ds_spec):
+    """Found by the 60-second soak: two `store rm` of one store at once. The second passed its
+    check that the store exists, the first then removed it, and the second failed with
+    "VIC/t/images: no such directory" instead of saying the store is not there."""
+    other = ImageStore(open_datastore(ds_spec))
+    st.create_store("t", capacity=SMALL)
+    real_image_ids = st._image_ids
+
+    def image_ids(store):               # the other deleter wins between the check and the walk
+        other.delete_store(store)
+        return real_image_ids(store)
+
+    st._image_ids = image_ids
+    with pytest.raises(NotFound, match="^image store t not found$"):
+        st.delete_store("t")
+    assert st.list_stores() == []
+    other.ds.close()
+
+
 # --- images -----------------------------------------------------------------------------------
+def test_a_catalogue_walked_before_a_delete_by_the_same_object_is_not_kept(ds_spec):
+    """A mount (catalogue kept a second) builds its catalogue in one thread while another
+    thread deletes an image: the walk, made before the delete, must not be kept after it,
+    or the deleted image is still answered for (and may be taken for one made again)."""
+    st = ImageStore(open_datastore(ds_spec), catalogue_ttl=60)
+    st.create_store("s", capacity=SMALL)
+    write(st, "s", "scratch", "x", make_tar([("f", "file", {"data": b"x"})]))
+    st._changed("s")                                # the next look walks the store anew
+    real_walk = st._walk_images
+
+    def walk_then_delete(store):        # the other thread's delete lands while this one builds
+        names = real_walk(store)
+        st._walk_images = real_walk
+        st.delete_image(store, "x")
+        return names
+
+    st._walk_images = walk_then_delete
+    assert "x" in st.catalogue("s").images          # what the walk saw, given to its caller
+    with pytest.raises(NotFound):
+        st.get_image("s", "x")
+    assert [i.id for i in st.list_images("s")] == ["scratch"]
+    st.ds.close()
+
+
 def test_create_image_layers(st, store, ds_root):
     """VIC TestCreateImageLayers: 4 chained layers with metadata and sums."""
     with pytest.raises(NotFound):
