@@ -29,13 +29,20 @@ for d in $OVERLAID; do
     mkdir -p "$base/upper$key" "$base/work$key"
     mount -t overlay overlay -o "lowerdir=$d,upperdir=$base/upper$key,workdir=$base/work$key" "$d"
 done
+keep=$base/checkout                 # the checkout, kept where the /tmp below cannot hide it
+mkdir -p "$keep"
+mount --bind "$CHECKOUT" "$keep"
 mount -t tmpfs -o mode=1777 tmpfs /tmp
+if [ ! -d "$CHECKOUT/imagefs" ]; then   # a checkout under /tmp: put it back at its path
+    mkdir -p "$CHECKOUT"
+    mount --bind "$keep" "$CHECKOUT"
+fi
 mkdir -p /opt/imagefs /tmp/home "$workdir"
 # Layer writers' work directories of the sandbox's own: a flock does not cross the overlay,
 # so a live writer's directory of the host would look dead here, and be "recovered".
 export IMAGEFS_WORKDIR="${IMAGEFS_WORKDIR:-/var/tmp/imagefs-sandbox-work}"
 mkdir -p "$IMAGEFS_WORKDIR"
-mount --bind "$CHECKOUT" /opt/imagefs
+mount --bind "$keep" /opt/imagefs
 imagefs_mounts() {   # mountpoints of fuse.imagefs mounts, deepest first
     awk '{for (i = 7; i < NF; i++) if ($i == "-") { if ($(i + 1) == "fuse.imagefs") print $5; break }}' \
         /proc/self/mountinfo | sort -r

@@ -86,10 +86,14 @@ def test_sigterm_gives_writers_of_running_imports_ecanceled(ds, mnt, tmp_path):
     pid = daemon_pid(mnt)
     target = image_path(mnt, "base", "import", "cut")
     ready = tmp_path / "ready"
-    code = (f"import os, time\nfd = os.open({target!r}, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)\n"
-            "os.write(fd, bytes(10240))\n"
-            f"open({str(ready)!r}, 'w').close()\ntime.sleep(3)\n"
-            "try:\n    os.write(fd, bytes(10240))\n    print('ok')\nexcept OSError as e:\n    print(e.errno)\n")
+    # the writer goes on writing a member's data (a write before the daemon's abort succeeds),
+    # so its first write after the abort lands well within the daemon's grace, whatever the load
+    code = (f"import os, tarfile, time\nfd = os.open({target!r}, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)\n"
+            "big = tarfile.TarInfo('big')\nbig.size = 100 << 20\n"
+            "os.write(fd, big.tobuf())\n"           # a member whose data goes on arriving
+            f"open({str(ready)!r}, 'w').close()\n"
+            "try:\n    for _ in range(400):\n        os.write(fd, bytes(512))\n        time.sleep(0.05)\n"
+            "    print('ok')\nexcept OSError as e:\n    print(e.errno)\n")
     writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert wait_for(ready.exists)
     os.kill(pid, signal.SIGTERM)

@@ -226,6 +226,8 @@ class ImportSession:
                 # (tar -cf pads to 10 KiB), arriving after an earlier close committed the layer
                 self.received = off + len(data)
                 return len(data)
+            if self._aborted:          # before the worker has ended with it: still ECANCELED
+                raise Canceled(f"import {self.new_id} canceled: imagefs is unmounting")
             if self.state != RECEIVING:
                 raise self._result_error()
             if off < self.received:
