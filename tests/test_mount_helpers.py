@@ -42,9 +42,12 @@ images "after umount"
 
 imagefs mount -f /var/lib/imagefs /mnt/t 2>> /tmp/fg.log & daemon=$!
 ready
-( head -c 5120 l.tar; until [ -e /tmp/go ]; do sleep 0.1; done; tail -c +5121 l.tar ) \
+mkdir -p middir && head -c 20000 /dev/zero > middir/blob && tar -cf mid.tar -C middir .   # 5120 B: mid-member
+( head -c 5120 mid.tar; until [ -e /tmp/go ]; do sleep 0.1; done; tail -c +5121 mid.tar ) \
     > /mnt/t/s/images/scratch/import/mid & writer=$!
-n=0; until [ "$(stat -c %s /mnt/t/s/images/scratch/import/mid)" = 5120 ]; do n=$((n + 1)); [ $n -lt 300 ]; sleep 0.1; done
+n=0; until [ "$(stat -c %s /mnt/t/s/images/scratch/import/mid 2>/dev/null)" = 5120 ]; do
+    n=$((n + 1)); [ $n -lt 600 ] || { ls -la /mnt/t/s/images/scratch/import/ >&2; cat /tmp/fg.log >&2; exit 1; }; sleep 0.1
+done
 umount /mnt/t 2> /tmp/busy || echo "busy: $(cat /tmp/busy)"
 umount -l /mnt/t
 touch /tmp/go
