@@ -77,11 +77,12 @@ import struct
 import tempfile
 from collections import defaultdict
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from export_helpers import Store, dump_dir, dump_tree
 from helpers import make_tar
+from imagefs.errors import InvalidInput
 from imagefs.export import diff_changes, export_diff
 from oracles import gnu_tar, umoci_apply
 
@@ -575,7 +576,13 @@ def test_exports_reproduce_the_image(data):
             writer = draw(st.sampled_from(["fuse2fs+debugfs", "kernel", "fuse2fs"] if kind == "nodes" else
                                           ["kernel", "fuse2fs", "fuse2fs+debugfs"]))
             with environment(WRITERS[writer]):
-                tree = store.layer(f"L{i - 1}", f"L{i}", tar)
+                try:
+                    tree = store.layer(f"L{i - 1}", f"L{i}", tar)
+                except InvalidInput as err:
+                    # the debugfs pass's documented refusal (test_extract.py): a hardlink it
+                    # must defer to an entry the same layer replaces later
+                    assert writer == "fuse2fs+debugfs" and "replaced later in the same layer" in str(err), err
+                    assume(False)
             expected = model.dump()
             dirs.append(model.dirs())
             assert not differences(known_mtimes(dump_tree(tree), expected), expected), f"L{i} by {writer}"
