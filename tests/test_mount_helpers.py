@@ -43,8 +43,16 @@ images "after umount"
 imagefs mount -f /var/lib/imagefs /mnt/t 2>> /tmp/fg.log & daemon=$!
 ready
 mkdir -p middir && head -c 20000 /dev/zero > middir/blob && tar -cf mid.tar -C middir .   # 5120 B: mid-member
-( head -c 5120 mid.tar; until [ -e /tmp/go ]; do sleep 0.1; done; tail -c +5121 mid.tar ) \
-    > /mnt/t/s/images/scratch/import/mid & writer=$!
+python3 -c '
+import os, sys, time
+data = open("mid.tar", "rb").read()
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)   # one descriptor, no shell copies
+os.write(fd, data[:5120])
+while not os.path.exists("/tmp/go"):
+    time.sleep(0.1)
+os.write(fd, data[5120:])
+os.close(fd)
+' /mnt/t/s/images/scratch/import/mid & writer=$!
 n=0; until [ "$(stat -c %s /mnt/t/s/images/scratch/import/mid 2>/dev/null)" = 5120 ]; do
     n=$((n + 1)); [ $n -lt 600 ] || { ls -la /mnt/t/s/images/scratch/import/ >&2; cat /tmp/fg.log >&2; exit 1; }; sleep 0.1
 done
