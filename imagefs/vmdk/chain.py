@@ -38,6 +38,7 @@ class DiskChain:
         self.layers = []
         self._own = []
         path = top_path
+        seen = {top_path}           # the paths of self.layers, for the loop check
         try:
             while True:
                 is_zero = bool(zero and zero(path))
@@ -53,8 +54,9 @@ class DiskChain:
                 if len(self.layers) >= MAX_DEPTH:
                     raise CorruptDisk(f"{top_path}: disk chain deeper than {MAX_DEPTH} (a loop?)")
                 path = disk.info.parent_path(names)
-                if path in self.paths:     # a loop whose CIDs agree: stop at once, not at MAX_DEPTH
+                if path in seen:           # a loop whose CIDs agree: stop at once, not at MAX_DEPTH
                     raise CorruptDisk(f"{top_path}: its disk chain loops (back to {path})")
+                seen.add(path)
         except BaseException:
             self.close()
             raise
