@@ -86,11 +86,16 @@ class DiskChain:
             hi = min(self.size, lo + CHUNK)
             runs, open_ranges = [], [(lo, hi)]
             for layer in self.layers:
-                still_open = []
+                still_open, changed = [], False
                 for a, b in open_ranges:
-                    for run in layer.runs(a, b):
+                    held = layer.runs(a, b)
+                    if len(held) == 1 and held[0][2] == HOLE:   # nothing of this range here
+                        still_open.append((a, b))
+                        continue
+                    changed = True
+                    for run in held:
                         (still_open if run[2] == HOLE else runs).append(run[:2] if run[2] == HOLE else run)
-                open_ranges = _coalesce_ranges(still_open)
+                open_ranges = _coalesce_ranges(still_open) if changed else still_open
                 if not open_ranges:
                     break
             runs.extend((a, b, ZERO, None, 0) for a, b in open_ranges)

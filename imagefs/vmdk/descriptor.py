@@ -20,6 +20,7 @@ CREATE_TYPES = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "t
 
 _EXTENT_RE = re.compile(r'(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Z]+)(?:\s+"([^"]*)"(?:\s+(\d+))?)?\s*$')
 _VALUE_RE = re.compile(r'([A-Za-z][A-Za-z0-9_.]*)\s*=\s*(.*?)\s*$')
+_CID_RE = re.compile(r"[0-9a-fA-F]{1,8}")
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,9 @@ def parse_descriptor(raw, path):
     desc = Descriptor()
     for line in text.splitlines():
         line = line.strip()
-        if not line or line.startswith("#"):
+        if not line or line[0] == "#":
             continue
-        m = _EXTENT_RE.match(line)
+        m = _EXTENT_RE.match(line) if line[0] in "RN" else None     # RW, RDONLY, NOACCESS
         if m:
             access, sectors, etype, filename, offset = m.groups()
             if etype not in EXTENT_TYPES:
@@ -111,9 +112,9 @@ def parse_descriptor(raw, path):
         raise CorruptDisk(f"{path}: createType {desc.create_type!r} is not supported "
                           f"(only {', '.join(CREATE_TYPES)})")
     cid = desc.values.get("CID", "")
-    if not re.fullmatch(r"[0-9a-fA-F]{1,8}", cid):
+    if not _CID_RE.fullmatch(cid):
         raise CorruptDisk(f"{path}: descriptor has no valid CID")
-    if not re.fullmatch(r"[0-9a-fA-F]{1,8}", desc.values.get("parentCID", NO_PARENT_CID)):
+    if not _CID_RE.fullmatch(desc.values.get("parentCID", NO_PARENT_CID)):
         raise CorruptDisk(f"{path}: descriptor has an invalid parentCID")
     desc.values["CID"] = cid.lower().rjust(8, "0")
     return desc

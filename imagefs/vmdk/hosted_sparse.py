@@ -31,6 +31,8 @@ MARKER_FOOTER = 3
 MAX_DESC_SECTORS = 2048         # 1 MiB of embedded descriptor at most
 GRAIN_CACHE = 2 << 20           # bytes of decompressed grains kept per compressed extent (32 of 64 KiB)
 MAX_COMPRESSED_GRAIN = 1 << 20  # bytes; qemu and VMware write 64 KiB
+PRIME_READ = 256 << 10          # bytes of grain directory and tables a chain's layer reads at once, on
+                                # first use (announced to the datastore when the layer is opened)
 
 
 class SparseHeader:
@@ -41,7 +43,7 @@ class SparseHeader:
         if len(raw) < HEADER.size or raw[:4] != MAGIC:
             raise CorruptDisk(f"{path}: not a hosted sparse extent (no KDMV header)")
         (_, self.version, self.flags, self.capacity, self.grain_sectors, self.desc_offset, self.desc_size,
-         self.gtes_per_gt, self.rgd_offset, self.gd_offset, _overhead, _unclean, _eol,
+         self.gtes_per_gt, self.rgd_offset, self.gd_offset, self.overhead, _unclean, _eol,
          self.compress) = HEADER.unpack_from(raw)
         if self.version not in (1, 2, 3):
             raise CorruptDisk(f"{path}: unsupported hosted sparse version {self.version}")
@@ -61,7 +63,9 @@ class SparseHeader:
 class HostedSparseExtent(GrainMapped):
     """One KDMV file as an extent of ``sectors`` sectors."""
 
-    def __init__(self, path, handle, sectors, header_raw=None):
+    def __init__(self, path, handle, sectors, header_raw=None, prime=False):
+        """``prime``: take the grain directory and the tables after it in one read, from
+        ``header_raw`` (the file's first bytes) if it holds them, else on first use."""
         self.path, self.handle = path, handle
         raw = header_raw if header_raw is not None else handle.pread(0, SECTOR)
         header = SparseHeader(raw, path)
@@ -87,6 +91,8 @@ class HostedSparseExtent(GrainMapped):
             check_sector(path, header.rgd_offset, "redundant grain directory")
         self.gd_offset, self.gd_entry_size = check_sector(path, header.gd_offset, "grain directory") * SECTOR, 4
         self._init_maps()
+        if prime and not self.compressed:
+            self._prime_from(header_raw or b"", header.overhead * SECTOR)
         self._grains = {}
         self._grain_lock = threading.Lock()
 
@@ -102,6 +108,18 @@ class HostedSparseExtent(GrainMapped):
         if marker_size != 0 or marker_type != MARKER_FOOTER or footer.gd_offset == GD_AT_END:
             raise CorruptDisk(f"{self.path}: streamOptimized footer is missing or invalid")
         return footer
+
+    def _prime_from(self, head, overhead):
+        """qemu and VMware write the directory, then its tables in order, before the grains
+        (``overhead``): one read from the directory (PRIME_READ at most) brings all of them
+        for a small disk (1 GiB: 64 KiB of tables) and the first ones of a big one."""
+        gd_end = self.gd_offset + self.n_tables * self.gd_entry_size
+        if gd_end <= len(head):
+            self._prime(head, 0)
+        elif self.gd_offset < overhead and gd_end - self.gd_offset <= PRIME_READ:
+            tables_end = -(-gd_end // SECTOR) * SECTOR + self.n_tables * self.entries * self.entry_size
+            end = min(tables_end, overhead, self.gd_offset + PRIME_READ)
+            self.prime_later(self.gd_offset, max(end, gd_end) - self.gd_offset)
 
     def _table_offset(self, gd_entry):
         return gd_entry * SECTOR if gd_entry else None

@@ -33,6 +33,7 @@ MAX_GRAIN = 1 << 20             # bytes of one grain (the formats use 512 B to 6
 MAX_CAPACITY = 1 << 46          # bytes
 MAX_TABLES = 1 << 22
 TABLE_CACHE = 64                # decoded grain tables kept per extent
+PRIME_TABLES = TABLE_CACHE // 4 # decoded at most when tables come along with another read
 TABLE_READ = 1 << 20            # bytes of adjacent grain tables read at once
 TABLE_AHEAD = 64 << 10          # bytes of the tables after the ones asked for, read with them when
                                 # they follow in the file: a reader (or a chain asking every layer,
@@ -71,6 +72,7 @@ class GrainMapped:
     """
     compressed = False
     entry_size = 4
+    _prime_at = None            # (offset, length): directory and tables to take in on first use
 
     def pread(self, offset, length):
         return self.handle.pread(offset, length)
@@ -80,8 +82,58 @@ class GrainMapped:
 
     def _init_maps(self):
         self._gd_blocks = {}
-        self._tables = {}
+        self._tables = {}           # index -> decoded table, at most TABLE_CACHE
+        # 1 for a table whose whole span is a hole (no table, or one of holes only), kept
+        # for good (a byte a table): a deep chain of deltas asks every layer for every
+        # range, and most layers hold nothing in most of them
+        self._holes = bytearray(self.n_tables)
+        self._zero_table = bytes(self.entries * self.entry_size)
         self._lock = threading.Lock()
+
+    def _prime(self, buf, at):
+        """Take the grain directory and the tables that lie in ``buf`` (the file's bytes from
+        offset ``at``, read with the header at open): a chain's first read then costs this
+        layer no read of its own. Tables of holes only are marked; up to PRIME_TABLES others
+        are decoded, the rest are read when asked for."""
+        start = self.gd_offset - at
+        if start < 0 or start + self.n_tables * self.gd_entry_size > len(buf):
+            return
+        entries = struct.unpack_from("<%d%s" % (self.n_tables, "I" if self.gd_entry_size == 4 else "Q"),
+                                     buf, start)
+        for block in range(0, self.n_tables, GD_BLOCK):
+            self._gd_blocks[block // GD_BLOCK] = entries[block:block + GD_BLOCK]
+        nbytes, decoded = len(self._zero_table), 0
+        for index, entry in enumerate(entries):
+            offset = self._table_offset(entry)
+            if offset is None:
+                self._holes[index] = 1
+            elif 0 <= offset - at and offset - at + nbytes <= len(buf):
+                raw = buf[offset - at:offset - at + nbytes]
+                if raw == self._zero_table:
+                    self._holes[index] = 1
+                elif decoded < PRIME_TABLES:
+                    decoded += 1
+                    self._remember(index, self._table_from(raw))
+
+    def prime_later(self, offset, length):
+        """Take the directory and tables in [offset, offset + length) of the file on first
+        use, with one read; the datastore is told now that it will be read (a chain opening
+        128 layers has all their reads in flight while it opens the rest)."""
+        self._prime_at = (offset, length)
+        _advise(self.handle, offset, length)
+
+    def _take_prime(self):
+        where, self._prime_at = self._prime_at, None
+        if where is not None:
+            self._prime(self.handle.pread(*where), where[0])
+
+    def _table_from(self, raw):
+        """A table's raw bytes decoded, or None when it holds holes only (qemu allocates
+        every table of a delta: a deep chain of such deltas then costs no memory)."""
+        if raw == self._zero_table:
+            return None
+        table = self._decode(raw)
+        return None if table.count(0) == len(table) else table
 
     def _gd_entry(self, index):
         block, i = divmod(index, GD_BLOCK)
@@ -101,6 +153,10 @@ class GrainMapped:
     def table(self, index):
         """Decoded grain table ``index`` (an array), or None when the whole span is a hole
         (no table, or one of holes only)."""
+        if self._prime_at is not None:
+            self._take_prime()
+        if self._holes[index]:
+            return None
         try:
             return self._tables[index]
         except KeyError:
@@ -114,7 +170,7 @@ class GrainMapped:
         wanted, loaded = [], {}
         stop = min(last, self.n_tables, first + TABLE_CACHE // 2)
         for index in range(first, stop):
-            if index not in self._tables:
+            if not self._holes[index] and index not in self._tables:
                 offset = self._table_offset(self._gd_entry(index))
                 if offset is None:
                     loaded[index] = self._remember(index, None)
@@ -122,7 +178,7 @@ class GrainMapped:
                     wanted.append((offset, index))
         following = {}      # file offset -> index of a table after ``last``, not cached
         for index in range(stop, min(stop + ahead, self.n_tables) if wanted else stop):
-            if index not in self._tables:
+            if not self._holes[index] and index not in self._tables:
                 offset = self._table_offset(self._gd_entry(index))
                 if offset is not None:
                     following[offset] = index
@@ -139,13 +195,13 @@ class GrainMapped:
                 part = raw[k * nbytes:(k + 1) * nbytes]
                 if len(part) != nbytes:
                     raise CorruptDisk(f"{self.path}: grain table {index} is truncated")
-                table = self._decode(part)
-                # a table of holes only (qemu allocates every table of a delta) is kept as
-                # None, "the whole span is a hole": a deep chain of such deltas costs no memory
-                loaded[index] = self._remember(index, None if not table.tobytes().strip(b"\0") else table)
+                loaded[index] = self._remember(index, self._table_from(part))
         return loaded
 
     def _remember(self, index, table):
+        if table is None:
+            self._holes[index] = 1
+            return None
         with self._lock:
             if len(self._tables) >= TABLE_CACHE:
                 self._tables.pop(next(iter(self._tables)), None)
@@ -157,8 +213,13 @@ class GrainMapped:
         out = []
         g, n = self.grain_size, self.entries
         span, step = g * n, g // SECTOR
-        ahead = min(TABLE_CACHE // 4, TABLE_AHEAD // (n * self.entry_size))
-        self._load_tables(lo // span, -(-hi // span), ahead)
+        if self._prime_at is not None:
+            self._take_prime()
+        first, last = lo // span, -(-hi // span)
+        if last <= self.n_tables and self._holes.find(0, first, last) < 0:
+            return [(lo, hi, HOLE, None, 0)]            # nothing here (C speed: most layers of a deep chain)
+        ahead = min(PRIME_TABLES, TABLE_AHEAD // (n * self.entry_size))
+        self._load_tables(first, last, ahead)
         pos = lo
         while pos < hi:
             ti = pos // span
