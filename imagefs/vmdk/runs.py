@@ -87,7 +87,7 @@ class GrainMapped:
         # for good (a byte a table): a deep chain of deltas asks every layer for every
         # range, and most layers hold nothing in most of them
         self._holes = bytearray(self.n_tables)
-        self._zero_table = bytes(self.entries * self.entry_size)
+        self._zero_table = _zeros(self.entries * self.entry_size)
         self._lock = threading.Lock()
 
     def _prime(self, buf, at):
@@ -312,6 +312,13 @@ def progression(first, step, count, width):
         return None
     ones, ramp = _patterns(width, count)
     return first * ones + step * ramp
+
+
+@lru_cache(maxsize=16)
+def _zeros(length):
+    """One ``bytes`` of zeros per table size, shared by the extents (a table of holes only
+    is compared with it; seSparse tables are 32 KiB)."""
+    return bytes(length)
 
 
 @lru_cache(maxsize=512)
