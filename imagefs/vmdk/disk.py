@@ -17,10 +17,6 @@ from .hints import resolve_hint
 from .runs import HOLE, MAX_SECTOR, SECTOR, held_ranges
 
 FIRST_READ = 64 * 1024          # header and embedded descriptor in one read
-LAYER_READ = 16 * 1024          # the same when a chain opens a disk (qemu's and VMware's
-                                # descriptors end at 10.5 KiB; copying 64 KiB from the page cache
-                                # cost a 128-layer chain about 3 ms); its tables come in one read
-                                # of their own (hosted_sparse.PRIME_READ)
 _EXTENT_TYPE_OF_CREATE = {
     "monolithicSparse": {"SPARSE"}, "streamOptimized": {"SPARSE"}, "twoGbMaxExtentSparse": {"SPARSE"},
     "monolithicFlat": {"FLAT"}, "twoGbMaxExtentFlat": {"FLAT"}, "vmfs": {"VMFS", "FLAT"},
@@ -79,8 +75,8 @@ def open_disk(path, opener, names=None):
         handle.close()
 
 
-def _read_info(path, handle, names, first=FIRST_READ):
-    head = handle.pread(0, first)
+def _read_info(path, handle, names):
+    head = handle.pread(0, FIRST_READ)
     if head[:4] == hosted_sparse.MAGIC:
         header = hosted_sparse.SparseHeader(head, path)
         span = header.descriptor_span()
@@ -98,7 +94,7 @@ def _read_info(path, handle, names, first=FIRST_READ):
         raise CorruptDisk(f"{path}: a bare delta extent; open its descriptor file instead")
     if not head.split(b"\0", 1)[0].strip():     # qemu pads descriptors with NULs; raw data starts with some
         raise CorruptDisk(f"{path}: not a VMDK (no descriptor or known header)")
-    if len(head) == first:
+    if len(head) == FIRST_READ:
         head = handle.pread(0, MAX_DESCRIPTOR + 1)
     desc = parse_descriptor(head, path)
     if not desc.extents:
@@ -128,7 +124,7 @@ class Disk:
         self.zero = zero
         handle = _open(opener, path)
         try:
-            self.info, head = _read_info(path, handle, names, LAYER_READ)
+            self.info, head = _read_info(path, handle, names)
             if zero:
                 handle.close()
                 handle = None

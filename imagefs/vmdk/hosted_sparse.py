@@ -16,7 +16,7 @@ import zlib
 from array import array
 
 from ..errors import CorruptDisk
-from .runs import SECTOR, GrainMapped, check_geometry, check_sector
+from .runs import PRIME_TABLES, SECTOR, GrainMapped, check_geometry, check_sector
 
 MAGIC = b"KDMV"
 # struct SparseExtentHeader, little endian, packed (the 4-byte magic first)
@@ -31,8 +31,8 @@ MARKER_FOOTER = 3
 MAX_DESC_SECTORS = 2048         # 1 MiB of embedded descriptor at most
 GRAIN_CACHE = 2 << 20           # bytes of decompressed grains kept per compressed extent (32 of 64 KiB)
 MAX_COMPRESSED_GRAIN = 1 << 20  # bytes; qemu and VMware write 64 KiB
-PRIME_READ = 256 << 10          # bytes of grain directory and tables a chain's layer reads at once, on
-                                # first use (announced to the datastore when the layer is opened)
+PRIME_READ = 256 << 10          # bytes of grain directory and tables a chain's layer reads at most at
+                                # once, on first use (announced to the datastore when it is opened)
 
 
 class SparseHeader:
@@ -111,14 +111,14 @@ class HostedSparseExtent(GrainMapped):
 
     def _prime_from(self, head, overhead):
         """qemu and VMware write the directory, then its tables in order, before the grains
-        (``overhead``): one read from the directory (PRIME_READ at most) brings all of them
-        for a small disk (1 GiB: 64 KiB of tables) and the first ones of a big one."""
+        (``overhead``): one read of the directory and the first PRIME_TABLES tables after it
+        (512 MiB of qemu's disks) serves a chain's first reads."""
         gd_end = self.gd_offset + self.n_tables * self.gd_entry_size
         if gd_end <= len(head):
             self._prime(head, 0)
         elif self.gd_offset < overhead and gd_end - self.gd_offset <= PRIME_READ:
-            tables_end = -(-gd_end // SECTOR) * SECTOR + self.n_tables * self.entries * self.entry_size
-            end = min(tables_end, overhead, self.gd_offset + PRIME_READ)
+            tables = min(self.n_tables, PRIME_TABLES) * self.entries * self.entry_size
+            end = min(-(-gd_end // SECTOR) * SECTOR + tables, overhead, self.gd_offset + PRIME_READ)
             self.prime_later(self.gd_offset, max(end, gd_end) - self.gd_offset)
 
     def _table_offset(self, gd_entry):
