@@ -13,6 +13,7 @@ import io
 import os
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 
@@ -75,9 +76,7 @@ def test_subshell_halves_commit_whole_under_dash(mnt, layer):
     for i in range(1, ROUNDS + 1):
         root = image_path(mnt, f"sub{i}", "rootfs", "h")
         assert sorted(os.listdir(root)) == sorted(n.split("/")[1] for n in members), i
-        for name, data in members.items():
-            with open(image_path(mnt, f"sub{i}", "rootfs", name), "rb") as f:
-                assert f.read() == data, (i, name)
+        _assert_holds(mnt, f"sub{i}", members)
 
 
 def test_truncated_tar_in_halves_fails_the_subshell_under_dash(mnt, layer, tmp_path):
@@ -118,6 +117,64 @@ def test_killed_subshell_ends_its_import(mnt, layer):
     assert "truncated" in open(os.path.join(imports, "killed.error")).read().lower()
     assert not os.path.exists(image_path(mnt, "killed"))
     assert "killed" not in os.listdir(imports)
+
+
+# The first thread exits (pthread_exit) and leaves /proc/PID/fd empty; the second keeps
+# the process's descriptors, writes half through a copy, closes it, writes the rest.
+LEADERLESS_WRITER = r'''
+import ctypes, os, sys, threading, time
+path, data = sys.argv[1], open(sys.argv[2], "rb").read()
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+def rest():
+    while "State:\tZ" not in open(f"/proc/{os.getpid()}/status").read():
+        time.sleep(0.01)
+    assert os.listdir(f"/proc/{os.getpid()}/fd") == []
+    copy = os.dup(fd)
+    os.write(copy, data[: len(data) // 2])
+    os.close(copy)                  # a flush while fd stays open, in a table only the thread shows
+    os.write(fd, data[len(data) // 2:])
+    os.close(fd)
+def run():
+    try:
+        rest()
+    except BaseException as e:
+        print(f"writer: {e!r}", file=sys.stderr, flush=True)
+        os._exit(1)
+    os._exit(0)
+threading.Thread(target=run).start()
+ctypes.CDLL(None).pthread_exit(None)
+'''
+
+
+def test_a_writer_whose_first_thread_exited_commits_at_its_last_close(mnt, layer):
+    tar, members = layer
+    target = image_path(mnt, "base", "import", "leaderless")
+    proc = subprocess.run([sys.executable, "-c", LEADERLESS_WRITER, target, tar], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    _assert_holds(mnt, "leaderless", members)
+
+
+def test_a_writer_through_a_bind_mount_commits_at_its_last_close(mnt, layer, tmp_path):
+    """The file's path in /proc is the bind mount's: the descriptor is still the file's."""
+    tar, members = layer
+    bound = tmp_path / "bound"
+    bound.mkdir()
+    subprocess.run(["mount", "--bind", image_path(mnt, "base", "import"), bound], check=True)
+    try:
+        half = os.path.getsize(tar) // 2
+        proc = subprocess.run(["dash", "-c", f'( head -c {half} "{tar}"; tail -c +{half + 1} "{tar}" ) > {bound}/bound'],
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run(["umount", bound], check=True)
+    assert proc.returncode == 0, proc.stderr
+    _assert_holds(mnt, "bound", members)
+
+
+def _assert_holds(mnt, image, members):
+    for name, data in members.items():
+        with open(image_path(mnt, image, "rootfs", name), "rb") as f:
+            assert f.read() == data, (image, name)
 
 
 def _size(path):
