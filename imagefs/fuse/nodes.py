@@ -216,7 +216,7 @@ class TreeNode:
 class Root(Node):
     mode = S.S_IFDIR | 0o755
     writable = True
-    attr_ttl = NONE           # its mtime says whether the kernel's listing still holds
+    attr_ttl = SHORT
     names_ttl = SHORT
     listing_changes = True
 
@@ -289,7 +289,7 @@ class Store(Node):
 class ImagesDir(Node):
     mode = S.S_IFDIR | 0o755
     writable = True
-    attr_ttl = NONE
+    attr_ttl = SHORT
     names_ttl = SHORT
     listing_changes = True
 
@@ -371,7 +371,7 @@ class RefsDir(Node):
 
     A reference's '/'-separated name becomes directories; its last part is a symlink."""
     mode = S.S_IFDIR | 0o555
-    attr_ttl = NONE
+    attr_ttl = SHORT
     names_ttl = SHORT
     listing_changes = True
 
@@ -497,7 +497,7 @@ class WholeImageFile(ExportFile):
 class ImportDir(ImageNode):
     mode = S.S_IFDIR | 0o755
     writable = True
-    attr_ttl = NONE
+    attr_ttl = SHORT
     names_ttl = SHORT
     listing_changes = True
 
