@@ -215,7 +215,7 @@ class TreeNode:
 class Root(Node):
     mode = S.S_IFDIR | 0o755
     writable = True
-    attr_ttl = NONE           # its mtime says whether the kernel's listing still holds
+    attr_ttl = SHORT
     names_ttl = SHORT
     listing_changes = True
 
@@ -288,7 +288,7 @@ class Store(Node):
 class ImagesDir(Node):
     mode = S.S_IFDIR | 0o755
     writable = True
-    attr_ttl = NONE
+    attr_ttl = SHORT
     names_ttl = SHORT
     listing_changes = True
 
@@ -370,7 +370,7 @@ class RefsDir(Node):
 
     A reference's '/'-separated name becomes directories; its last part is a symlink."""
     mode = S.S_IFDIR | 0o555
-    attr_ttl = NONE
+    attr_ttl = SHORT
     names_ttl = SHORT
     listing_changes = True
 
@@ -496,7 +496,7 @@ class WholeImageFile(ExportFile):
 class ImportDir(ImageNode):
     mode = S.S_IFDIR | 0o755
     writable = True
-    attr_ttl = NONE
+    attr_ttl = SHORT
     names_ttl = SHORT
     listing_changes = True
 
