@@ -304,11 +304,13 @@ class Namespace:
 
         The kernel keeps every directory listing it has read (the mount answers opendir
         with ENOSYS: FUSE's no-opendir mode) and, when a reading starts, trusts it as long
-        as the directory's mtime is the one it had when the listing was taken. These
-        directories keep no attributes (attr_ttl 0), so every reading asks getattr first,
-        and every reply with their attributes (getattr, lookup, readdirplus of the parent)
-        looks at their names now: a listing that changed, here or outside the mount, is
-        read again."""
+        as the directory's mtime is the one it had when the listing was taken. It keeps
+        these directories' attributes 1 s (SHORT; not less: with default_permissions every
+        path walked through one asks for them), and every reply with their attributes
+        (getattr, lookup, readdirplus of the parent) looks at their names now: a listing
+        changed outside the mount is read again within a second. Changes through the mount
+        show at once: the kernel drops the listing after its own mkdir/rmdir/create/unlink,
+        and the end of an import drops the attributes (ops.py)."""
         return self.note_listing(node, node.names(self))
 
     def note_listing(self, node, names):

@@ -182,9 +182,8 @@ class TreeNode:
         return Entry(self.ino, self.tree.stat(self.ext4_ino), LONG, LONG)
 
     def lookup(self, ns, name):
-        try:
-            child = self.tree.lookup(self.ext4_ino, name)
-        except NotFound:
+        child = self.tree.find(self.ext4_ino, name)
+        if child is None:       # absent, cached LONG; a layer file replaced meanwhile raises instead
             return None
         return Entry(self.base | child, self.tree.stat(child), LONG, LONG)
 
@@ -216,7 +215,7 @@ class TreeNode:
 class Root(Node):
     mode = S.S_IFDIR | 0o755
     writable = True
-    attr_ttl = NONE           # its mtime says whether the kernel's listing still holds
+    attr_ttl = SHORT
     names_ttl = SHORT
     listing_changes = True
 
@@ -289,7 +288,7 @@ class Store(Node):
 class ImagesDir(Node):
     mode = S.S_IFDIR | 0o755
     writable = True
-    attr_ttl = NONE
+    attr_ttl = SHORT
     names_ttl = SHORT
     listing_changes = True
 
@@ -371,7 +370,7 @@ class RefsDir(Node):
 
     A reference's '/'-separated name becomes directories; its last part is a symlink."""
     mode = S.S_IFDIR | 0o555
-    attr_ttl = NONE
+    attr_ttl = SHORT
     names_ttl = SHORT
     listing_changes = True
 
@@ -497,7 +496,7 @@ class WholeImageFile(ExportFile):
 class ImportDir(ImageNode):
     mode = S.S_IFDIR | 0o755
     writable = True
-    attr_ttl = NONE
+    attr_ttl = SHORT
     names_ttl = SHORT
     listing_changes = True
 

@@ -316,6 +316,19 @@ class Operations(pyfuse3.Operations):
         import_dir = ns.ino_of(ns.node(ImportDir, session.ref))
         pyfuse3.invalidate_entry_async(import_dir, session.new_id.encode(), ignore_enoent=True)
         pyfuse3.invalidate_entry_async(import_dir, session.new_id.encode() + b".error", ignore_enoent=True)
+        # their listings changed: the kernel asks getattr before it trusts them again
+        _invalidate_attributes(import_dir)
         if ok:
             images = ns.ino_of(ns.node(ImagesDir, session.ref.store))
             pyfuse3.invalidate_entry_async(images, session.new_id.encode(), ignore_enoent=True)
+            _invalidate_attributes(images)
+
+
+def _invalidate_attributes(ino):
+    """Make the kernel ask for ``ino``'s attributes again (with no writeback cache this never
+    blocks: the loop may call it). Nothing to do if the kernel does not know the inode."""
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=True)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            log.debug("invalidate inode %d: %s", ino, e)
