@@ -232,7 +232,7 @@ class _Applier:
             if kind == stat.S_IFREG:
                 self._regular(e, pfd, base, real, tar)
             elif kind == stat.S_IFDIR:
-                created = self._replace(pfd, base, real, lambda: os.mkdir(base, 0o700, dir_fd=pfd),
+                created = self._replace(pfd, base, real, lambda: os.mkdir(base, e.perm & 0o777, dir_fd=pfd),
                                         merge_dir=True)
                 if created and self._inherits_acls(pfd, real):
                     _drop_inherited_acls(b"/proc/self/fd/%d/%s" % (pfd, base), e, directory=True)
@@ -279,7 +279,7 @@ class _Applier:
         try:
             if self._inherits_acls(pfd, real):
                 _drop_inherited_acls(fd, e)
-            made = os.fstat(fd)                 # before any write: FUSE answers from its cache
+            made = os.fstat(fd)                 # owner and mode as made
             end = 0
             for offset, block in tar.data_blocks():
                 if offset < end:
