@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Build pyfuse3 into .venv with the project's patch that lets opendir() ask the kernel to
-# cache directory listings (FUSE's cache_readdir; patches/pyfuse3-cache-readdir.patch,
-# written to be offered upstream). Image trees never change, so a listing read once can
-# serve every later readdir. Does nothing when the patched version is already installed.
+# Build pyfuse3 into .venv with the project's patch that tells readdir() which directory
+# it lists (patches/pyfuse3-readdir-inode.patch, written to be offered upstream). With it
+# the mount answers opendir with ENOSYS, FUSE's no-opendir mode: the kernel then sends no
+# opendir/releasedir at all and keeps every listing it read (image trees never change; the
+# mount invalidates the listings of the parts that do). Does nothing when the patched
+# version is already installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VERSION=3.5.0
-PATCH=patches/pyfuse3-cache-readdir.patch
+PATCH=patches/pyfuse3-readdir-inode.patch
 
 if .venv/bin/python - "$VERSION" <<'PY'
 import sys
@@ -16,7 +18,7 @@ try:
     from importlib.metadata import version
 except ImportError:
     sys.exit(1)
-sys.exit(0 if version("pyfuse3") == sys.argv[1] and hasattr(pyfuse3.FileInfo(), "cache_readdir") else 1)
+sys.exit(0 if version("pyfuse3") == sys.argv[1] and hasattr(pyfuse3.ReaddirToken, "inode") else 1)
 PY
 then
   exit 0

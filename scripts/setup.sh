@@ -34,4 +34,4 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test,fuzz]'
-./scripts/build-pyfuse3.sh               # pyfuse3 with cache_readdir (patches/)
+./scripts/build-pyfuse3.sh               # pyfuse3 whose readdir knows its directory (patches/)

@@ -1,46 +1,100 @@
-"""What the kernel may keep: listings of image directories (FUSE cache_readdir, through
-the project's pyfuse3 patch), never listings of the parts of the mount that change.
+"""What the kernel may keep: every directory listing it read (FUSE's no-opendir mode, through
+the project's pyfuse3 patch), trusted only while the directory's mtime stays: the parts of
+the mount that change are read again as soon as their names change, here or outside.
 
 Requests are counted in libfuse's own request trace (the ``debug`` mount option)."""
+import io
 import os
 import subprocess
 import time
 
-from imagefs.fuse.ops import CACHE_READDIR
+from imagefs.datastore import open_datastore
+from imagefs.fuse.ops import NO_OPENDIR
+from imagefs.store import ImageStore
 
-from fuse_fixtures import STORE, datastore, image_path, is_mounted, mount_cmd, unmount, wait_for  # noqa: F401
+from fuse_fixtures import (STORE, child_tar, datastore, image_path, is_mounted,  # noqa: F401
+                           mount_cmd, unmount, wait_for)
 
 
-def _readdirs(log):
+def _count(log, opcode):
+    time.sleep(0.2)      # libfuse writes its trace after the reply
     with open(log, "rb") as f:
-        return sum(1 for line in f if b"opcode: READDIR" in line)
+        return sum(1 for line in f if f"opcode: {opcode} ".encode() in line)
 
 
-def test_the_kernel_keeps_listings_of_images_only(datastore, tmp_path):  # noqa: F811
-    assert CACHE_READDIR, "pyfuse3 without cache_readdir: run scripts/setup.sh (scripts/build-pyfuse3.sh)"
-    mnt, log = tmp_path / "mnt", tmp_path / "debug.log"
+def _mount_traced(ds, mnt, log):
     mnt.mkdir()
     with open(log, "wb") as err:
-        proc = subprocess.Popen(mount_cmd(datastore, mnt, ["debug"]), stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(mount_cmd(ds, mnt, ["debug"]), stdout=subprocess.DEVNULL, stderr=err)
+    assert wait_for(lambda: is_mounted(mnt) and os.path.isdir(image_path(mnt, "base")), timeout=30)
+    return proc
+
+
+def test_the_kernel_keeps_listings_and_opens_no_directory(datastore, tmp_path):  # noqa: F811
+    assert NO_OPENDIR, "pyfuse3 without the readdir patch: run scripts/setup.sh (scripts/build-pyfuse3.sh)"
+    mnt, log = tmp_path / "mnt", tmp_path / "debug.log"
+    proc = _mount_traced(datastore, mnt, log)
     try:
-        assert wait_for(lambda: is_mounted(mnt) and os.path.isdir(image_path(mnt, "base")), timeout=30)
         files = image_path(mnt, "base", "rootfs", "files")
         first = sorted(os.listdir(files))
-        time.sleep(0.2)
-        asked = _readdirs(log)
+        asked = _count(log, "READDIRPLUS")
         assert asked >= 1 and "small" in first
         for _ in range(3):
             assert sorted(os.listdir(files)) == first
-        time.sleep(0.2)
-        assert _readdirs(log) == asked              # served from the kernel's cache
+        assert _count(log, "READDIRPLUS") == asked              # served from the kernel's cache
+        for name in ("OPENDIR", "RELEASEDIR"):                   # one ENOSYS, then never again
+            assert _count(log, name) <= (1 if name == "OPENDIR" else 0), name
 
         images = os.path.join(mnt, STORE, "images")
-        os.listdir(images)
-        time.sleep(0.2)
-        before = _readdirs(log)
-        os.listdir(images)
-        time.sleep(0.2)
-        assert _readdirs(log) > before              # images come and go: asked every time
+        listed = sorted(os.listdir(images))
+        before = _count(log, "READDIRPLUS")
+        assert sorted(os.listdir(images)) == listed
+        getattrs = _count(log, "GETATTR")
+        time.sleep(1.2)                                          # its attributes are kept 1 s
+        assert sorted(os.listdir(images)) == listed
+        assert _count(log, "GETATTR") > getattrs                 # then it asks whether it changed
+        assert _count(log, "READDIRPLUS") == before              # unchanged: the listing is kept
+    finally:
+        unmount(mnt)
+        proc.wait(timeout=60)
+
+
+def test_changing_listings_are_read_again(tmp_path, datastore):  # noqa: F811
+    ds = tmp_path / "ds"
+    subprocess.run(["cp", "-a", "--sparse=always", str(datastore), str(ds)], check=True)
+    mnt, log = tmp_path / "mnt", tmp_path / "debug.log"
+    proc = _mount_traced(ds, mnt, log)
+    try:
+        images = os.path.join(mnt, STORE, "images")
+        imports = image_path(mnt, "base", "import")
+        before = sorted(os.listdir(images))
+        assert "outside" not in before and os.listdir(imports) == []
+
+        # made outside the mount: the kernel has no idea; a listing shows it once the mount's
+        # own view of the store is renewed (it reuses it for 1 s)
+        store = ImageStore(open_datastore(str(ds)))
+        store.write_image(STORE, "base", "outside", io.BytesIO(child_tar()))
+        assert wait_for(lambda: sorted(os.listdir(images)) == sorted(before + ["outside"]), timeout=10)
+
+        # an import through the mount: listed while it runs, gone from import/ once sealed
+        with open(os.path.join(imports, "inside"), "wb") as f:
+            assert os.listdir(imports) == ["inside"]
+            f.write(child_tar())
+        assert os.listdir(imports) == []
+        assert sorted(os.listdir(images)) == sorted(before + ["outside", "inside"])
+
+        # deleted inside: gone from the next listing; outside: once the mount looks again
+        os.rmdir(os.path.join(images, "inside"))
+        assert sorted(os.listdir(images)) == sorted(before + ["outside"])
+        store.delete_image(STORE, "outside")
+        assert wait_for(lambda: sorted(os.listdir(images)) == before, timeout=10)
+
+        # stores come and go at the root the same way
+        assert os.listdir(mnt) == [STORE]
+        store.create_store("made-outside", capacity="64MiB")
+        assert wait_for(lambda: sorted(os.listdir(mnt)) == sorted([STORE, "made-outside"]), timeout=10)
+        os.rmdir(os.path.join(mnt, "made-outside"))
+        assert os.listdir(mnt) == [STORE]
     finally:
         unmount(mnt)
         proc.wait(timeout=60)

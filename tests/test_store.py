@@ -12,6 +12,7 @@ from imagefs.datastore import open_datastore
 from imagefs.errors import CorruptDisk, Exists, InUse, InvalidInput, NotFound, SumMismatch
 from imagefs.store import ImageStore
 
+from fuse_fixtures import wait_for
 from helpers import EMPTY_SUM, flattened_mount, make_tar, run, sha256
 
 SMALL = "256MiB"
@@ -133,6 +134,40 @@ def test_deleting_a_store_another_process_just_deleted_says_not_found(st, ds_spe
         st.delete_store("t")
     assert st.list_stores() == []
     other.ds.close()
+
+
+def test_a_lock_waited_for_is_taken_on_the_file_there_now(tmp_path):
+    """A store delete waiting for the store's lock while the store was deleted and made again
+    got the lock of the deleted file, and excluded nobody from the new store."""
+    ds = open_datastore(str(tmp_path))
+    ds.mkdir("VIC/t", parents=True)
+    lock_file = tmp_path / "VIC" / "t" / ".lock"
+    held, release, waiter_got = threading.Event(), threading.Event(), []
+
+    def waiter():
+        with ds.lock("VIC/t/.lock") as got:
+            waiter_got.append(got)
+            held.set()
+            release.wait(30)
+
+    with ds.lock("VIC/t/.lock"):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        dev_ino = f":{os.stat(lock_file).st_ino} "
+
+        def waiting():
+            with open("/proc/locks") as f:
+                return any("->" in line and dev_ino in line for line in f)
+        assert wait_for(waiting, timeout=30)            # blocked on the old file's lock
+        ds.rmtree("VIC/t")
+        ds.mkdir("VIC/t")
+    try:
+        assert held.wait(30) and waiter_got == [True]
+        with ds.lock("VIC/t/.lock", blocking=False) as other:
+            assert other is False                       # the waiter holds the new file's lock
+    finally:
+        release.set()
+        thread.join(30)
 
 
 # --- images -----------------------------------------------------------------------------------

@@ -245,20 +245,36 @@ class LocalDatastore(Datastore):
     @contextmanager
     def lock(self, path, exclusive=True, blocking=True):
         """flock on a lock file; yields False if non-blocking and someone else holds it."""
-        try:
-            fd = os.open(self._unlinked_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-        except OSError as e:
-            if e.errno != errno.ELOOP:
-                raise
-            raise ImageFSError(f"{path}: is a symbolic link; imagefs does not follow links when locking") from None
-        try:
-            flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB)
+        flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if blocking else fcntl.LOCK_NB)
+        while True:
+            p = self._unlinked_path(path)
             try:
-                fcntl.flock(fd, flags)
-            except BlockingIOError:
-                yield False
+                fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                raise ImageFSError(f"{path}: is a symbolic link; imagefs does not follow links when locking") from None
+            try:
+                try:
+                    fcntl.flock(fd, flags)
+                except BlockingIOError:
+                    yield False
+                    return
+                # While this waited, the holder may have removed the lock file (a deleted store)
+                # and another process made it anew: a lock on the old file excludes nobody.
+                if not _same_file(fd, p):
+                    continue
+                yield True
                 return
-            yield True
-        finally:
-            os.close(fd)
+            finally:
+                os.close(fd)
 
+
+def _same_file(fd, path):
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    st = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)

@@ -1,10 +1,11 @@
-"""Open handles: files of image trees, small generated files, exports, directory listings.
+"""Open handles: files of image trees, small generated files, exports; directory listings being read.
 
 Every handle answers ``read``/``write``/``flush``/``truncate``/``release`` and says
 how the kernel may cache it (``direct_io``, ``keep_cache``); import handles
 (imports.py) answer the same.
 """
 import itertools
+from collections import OrderedDict
 
 from ..errors import ReadOnly
 from .exports import ExportLimits, ExportStream
@@ -131,12 +132,27 @@ class Exports:
             stream.close()
 
 
-class DirHandle:
-    """A directory listing, taken on the first readdir so offsets stay valid while it is read."""
+class Listings:
+    """Directory listings being read, by the directory's inode number.
 
-    def __init__(self, node):
-        self.node = node
-        self.entries = None
+    A reading starts at offset 0 with a listing taken then; the readdir calls that
+    continue it read the same listing, so their offsets stay valid while the directory
+    changes. Its end (the call past the last entry) drops it; readings left half-way
+    are dropped oldest first."""
+    KEEP = 64
 
-    def release(self):
-        pass
+    def __init__(self):
+        self._listings = OrderedDict()
+
+    def start(self, ino, entries):
+        self._listings[ino] = entries
+        self._listings.move_to_end(ino)
+        while len(self._listings) > self.KEEP:
+            self._listings.popitem(last=False)
+
+    def continued(self, ino):
+        """The listing a reading of ``ino`` started, or None (dropped: the caller lists again)."""
+        return self._listings.get(ino)
+
+    def end(self, ino):
+        self._listings.pop(ino, None)

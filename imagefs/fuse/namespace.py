@@ -72,6 +72,7 @@ class Namespace:
         self._option_exports = OrderedDict()   # ino -> (export dir ino, name): forgettable, oldest first
         self._lookups = {}            # ino -> the kernel's lookup count, for forgettable nodes
         self._time_ns = time.time_ns()
+        self._listed = {}             # ino -> (digest of the names, mtime_ns), of directories that change
         self._lock = threading.Lock()
         self._nodes = {ROOT_INO: Root(None)}
         self._image_inos = {}         # idx -> inode numbers of its incarnation's synthetic nodes
@@ -293,6 +294,32 @@ class Namespace:
         if self._group_writes and node.writable:
             mode |= 0o020
         size = node.size(self)
+        mtime = self._listing_mtime(node) if node.listing_changes else self._time_ns
         return Stat(ino=0, mode=mode, nlink=2 if S.S_ISDIR(mode) else 1, uid=self._uid, gid=self._gid, rdev=0,
-                    size=size, blocks=(size + 511) // 512, atime_ns=self._time_ns, mtime_ns=self._time_ns,
-                    ctime_ns=self._time_ns)
+                    size=size, blocks=(size + 511) // 512, atime_ns=self._time_ns, mtime_ns=mtime,
+                    ctime_ns=mtime)
+
+    def _listing_mtime(self, node):
+        """The mtime of a directory whose names come and go: it moves on when they change.
+
+        The kernel keeps every directory listing it has read (the mount answers opendir
+        with ENOSYS: FUSE's no-opendir mode) and, when a reading starts, trusts it as long
+        as the directory's mtime is the one it had when the listing was taken. It keeps
+        these directories' attributes 1 s (SHORT; not less: with default_permissions every
+        path walked through one asks for them), and every reply with their attributes
+        (getattr, lookup, readdirplus of the parent) looks at their names now: a listing
+        changed outside the mount is read again within a second. Changes through the mount
+        show at once: the kernel drops the listing after its own mkdir/rmdir/create/unlink,
+        and the end of an import drops the attributes (ops.py)."""
+        return self.note_listing(node, node.names(self))
+
+    def note_listing(self, node, names):
+        """Note the names a changing directory holds (looked at, or listed for the kernel);
+        returns its mtime."""
+        ino = self.ino_of(node)
+        digest = hash(tuple(names))
+        with self._lock:
+            seen = self._listed.get(ino)
+            if seen is None or seen[0] != digest:
+                seen = self._listed[ino] = (digest, max(time.time_ns(), seen[1] + 1) if seen else self._time_ns)
+        return seen[1]

@@ -69,7 +69,7 @@ class Node:
     attr_ttl = LONG
     names_ttl = LONG          # for directories: how long names looked up in it stay valid
     negative_ttl = 0.0        # how long the kernel may remember that a name is absent
-    cache_listing = False     # may the kernel keep the directory's listing
+    listing_changes = False   # for directories: names come and go (see Namespace.note_listing)
     inline = False            # answers without the image store: call on the event loop
     settable = False          # accepts setattr (times, modes: ignored; size: truncate)
     writable = False          # changes go through it: the admin group may write it too
@@ -96,7 +96,10 @@ class Node:
         return None if child is None else ns.entry(child, self.names_ttl)
 
     def listdir(self, ns):
-        return [(name, ns.entry(child, self.names_ttl)) for name, child in self.list(ns)]
+        listing = [(name, ns.entry(child, self.names_ttl)) for name, child in self.list(ns)]
+        if self.listing_changes:
+            ns.note_listing(self, [name for name, _ in listing])    # what the kernel will keep
+        return listing
 
     def open(self, ns, flags, uid=0):
         """A handle (files.py) for reading or writing this file (``uid``: the caller's)."""
@@ -115,6 +118,10 @@ class Node:
     def find(self, ns, name):
         """The child called ``name`` (Node or tree inode), or None."""
         return dict(self.list(ns)).get(name)
+
+    def names(self, ns):
+        """The names ``list`` gives, in its order."""
+        return [name for name, _ in self.list(ns)]
 
     def xattrs(self, ns):
         return {}
@@ -162,7 +169,6 @@ class TreeNode:
     __slots__ = ("tree", "ino", "ext4_ino", "base", "idx")
     inline = True
     negative_ttl = LONG
-    cache_listing = True
     settable = False
 
     def __init__(self, tree, idx, ino, ext4_ino):
@@ -212,6 +218,7 @@ class Root(Node):
     writable = True
     attr_ttl = SHORT
     names_ttl = SHORT
+    listing_changes = True
 
     def list(self, ns):
         return [(name.encode(), ns.node(Store, name)) for name in ns.store.list_stores()]
@@ -284,6 +291,7 @@ class ImagesDir(Node):
     writable = True
     attr_ttl = SHORT
     names_ttl = SHORT
+    listing_changes = True
 
     def __init__(self, key):
         super().__init__(key)
@@ -292,6 +300,9 @@ class ImagesDir(Node):
     def list(self, ns):
         return [(img.id.encode(), ns.node(ImageDir, ns.image_ref(img)))
                 for img in ns.store.list_images(self.store)]
+
+    def names(self, ns):
+        return [img.id.encode() for img in ns.store.list_images(self.store)]
 
     def find(self, ns, name):
         image_id = _id_or_none(name)
@@ -362,6 +373,7 @@ class RefsDir(Node):
     mode = S.S_IFDIR | 0o555
     attr_ttl = SHORT
     names_ttl = SHORT
+    listing_changes = True
 
     def list(self, ns):
         from ..oci.refs import RefStore
@@ -487,6 +499,7 @@ class ImportDir(ImageNode):
     writable = True
     attr_ttl = SHORT
     names_ttl = SHORT
+    listing_changes = True
 
     def list(self, ns):
         out = []

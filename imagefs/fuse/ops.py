@@ -20,16 +20,19 @@ import trio
 
 from ..errors import ImageFSError, ReadOnly
 from .access import visible_xattrs
-from .files import DirHandle, HandleTable
+from .files import HandleTable, Listings
 from .namespace import TreeClosed
 from .nodes import XATTR_PREFIX, ImagesDir, ImportDir
 
 log = logging.getLogger("imagefs.fuse")
 
 BLKSIZE = 128 * 1024
-# The kernel may keep listings of image directories (FUSE cache_readdir): needs the
-# project's pyfuse3 (scripts/build-pyfuse3.sh); without it every readdir asks the daemon.
-CACHE_READDIR = hasattr(pyfuse3.FileInfo(), "cache_readdir")
+# FUSE's no-opendir mode: opendir answers ENOSYS, the kernel stops sending opendir and
+# releasedir and keeps every listing it reads (Namespace.note_listing says how the changing
+# ones are read again). readdir must then learn its directory from the request: the
+# project's pyfuse3 patch (scripts/build-pyfuse3.sh). Without it each opendir is answered
+# and every readdir asks the daemon.
+NO_OPENDIR = hasattr(pyfuse3.ReaddirToken, "inode")
 
 
 def _errors_to_errno(handler):
@@ -97,6 +100,7 @@ class Operations(pyfuse3.Operations):
         self.ns = ns
         self.imports = imports
         self.handles = HandleTable()
+        self.listings = Listings()
         self._logged = set()
         imports.on_finished = self._import_finished
 
@@ -170,22 +174,25 @@ class Operations(pyfuse3.Operations):
     # --- directories -------------------------------------------------------------------
     @_errors_to_errno
     async def opendir(self, inode, ctx):
-        node = await self._resolve(inode)
-        fh = self.handles.add(DirHandle(node))
-        if node.cache_listing and CACHE_READDIR:
-            return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
-        return fh
+        if NO_OPENDIR:
+            raise pyfuse3.FUSEError(errno.ENOSYS)    # once: the kernel opens directories itself then
+        await self._resolve(inode)
+        return inode        # the handle is the directory's inode number: readdir lists that
 
     @_errors_to_errno
     async def readdir(self, fh, start_id, token):
-        handle = self.handles[fh]
-        if handle.entries is None:
-            node = handle.node
-            own, listing = await _call(node, lambda: (node.getattr(self.ns), node.listdir(self.ns)))
+        ino = token.inode if NO_OPENDIR else fh
+        entries = self.listings.continued(ino) if start_id else None
+        if entries is None:
+            node = await self._resolve(ino)
+            listing, own = await _call(node, lambda: (node.listdir(self.ns), node.getattr(self.ns)))
             # "." and ".." for ls -a; the kernel resolves both itself and ignores their attributes
             dots = _attributes(own)
-            handle.entries = [(b".", dots), (b"..", dots)] + [(name, _attributes(e)) for name, e in listing]
-        entries = handle.entries
+            entries = [(b".", dots), (b"..", dots)] + [(name, _attributes(e)) for name, e in listing]
+            self.listings.start(ino, entries)
+        if start_id >= len(entries):
+            self.listings.end(ino)       # the reading's last call: nothing left to list
+            return
         reply = pyfuse3.readdir_reply
         for i in range(start_id, len(entries)):
             name, attrs = entries[i]
@@ -193,7 +200,7 @@ class Operations(pyfuse3.Operations):
                 break
 
     async def releasedir(self, fh):
-        self.handles.pop(fh)
+        pass
 
     @_errors_to_errno
     async def mkdir(self, parent_inode, name, mode, ctx):
@@ -309,6 +316,19 @@ class Operations(pyfuse3.Operations):
         import_dir = ns.ino_of(ns.node(ImportDir, session.ref))
         pyfuse3.invalidate_entry_async(import_dir, session.new_id.encode(), ignore_enoent=True)
         pyfuse3.invalidate_entry_async(import_dir, session.new_id.encode() + b".error", ignore_enoent=True)
+        # their listings changed: the kernel asks getattr before it trusts them again
+        _invalidate_attributes(import_dir)
         if ok:
             images = ns.ino_of(ns.node(ImagesDir, session.ref.store))
             pyfuse3.invalidate_entry_async(images, session.new_id.encode(), ignore_enoent=True)
+            _invalidate_attributes(images)
+
+
+def _invalidate_attributes(ino):
+    """Make the kernel ask for ``ino``'s attributes again (with no writeback cache this never
+    blocks: the loop may call it). Nothing to do if the kernel does not know the inode."""
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=True)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            log.debug("invalidate inode %d: %s", ino, e)
