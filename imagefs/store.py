@@ -492,7 +492,11 @@ class ImageStore:
             parent = self.get_image(store, parent_id)
         except NotFound:
             raise NotFound(f"parent image {parent_id} not found in store {store}") from None
-        with self.ds.lock(_children_lock(store, parent_id), exclusive=False):      # the parent stays
+        with ExitStack() as parent_held:
+            try:                                    # the parent stays while this is held
+                parent_held.enter_context(self.ds.lock(_children_lock(store, parent_id), exclusive=False))
+            except FileNotFoundError:               # deleted meanwhile, its directory and all
+                raise NotFound(f"parent image {parent_id} not found in store {store}") from None
             if not self.ds.exists(f"{_image_dir(store, parent_id)}/manifest"):
                 raise NotFound(f"parent image {parent_id} not found in store {store}")
             with self._claim(store, image_id) as d:

@@ -140,12 +140,17 @@ class ImageTree:
 
     def lookup(self, dir_ino, name):
         """Inode number of ``name`` (bytes) in directory ``dir_ino``; NotFound if absent."""
-        if name == b".":
-            return dir_ino
-        found = self._index(dir_ino).get(name)
+        found = self.find(dir_ino, name)
         if found is None:
             raise NotFound(f"{name.decode('utf-8', 'replace')}: no such entry")
         return found
+
+    def find(self, dir_ino, name):
+        """Inode number of ``name`` in directory ``dir_ino``, None if absent. A directory that
+        cannot be read raises (NotFound too, when a layer file was deleted or replaced)."""
+        if name == b".":
+            return dir_ino
+        return self._index(dir_ino).get(name)
 
     def resolve(self, path):
         """Inode of a path inside the image ('/' separated, symlinks not followed)."""

@@ -5,13 +5,12 @@
 checkout are overlays whose writes land in a tmpfs of the sandbox's own, so a doc can write
 /etc/fstab, install /sbin/mount.fuse.imagefs, keep a datastore in /var/lib/imagefs or
 run scripts/quickstart.sh without touching the machine (layer writers work in a
-directory of the sandbox's own, ``$IMAGEFS_WORKDIR``); /tmp is an empty tmpfs, as
-after a boot, HOME an empty directory in it, and /opt/imagefs the checkout (as the
-systemd unit example names it). Mounts made
-inside are seen by nobody else. At the end every imagefs mount made inside is
-unmounted lazily and its daemon given time to finish, and whatever still runs dies
-with the PID namespace. Directories the script made under /mnt (mountpoints; /mnt
-itself is left as the host has it) are removed if empty.
+directory of the sandbox's own, ``$IMAGEFS_WORKDIR``); /tmp and /mnt are empty
+tmpfs, as after a boot (so sandboxes running at the same time never share a
+mountpoint), HOME an empty directory in /tmp, and /opt/imagefs the checkout (as the
+systemd unit example names it). Mounts made inside are seen by nobody else. At the
+end every imagefs mount made inside is unmounted lazily and its daemon given time to
+finish, and whatever still runs dies with the PID namespace.
 """
 import os
 import subprocess
@@ -33,7 +32,8 @@ keep=$base/checkout                 # the checkout, kept where the /tmp below ca
 mkdir -p "$keep"
 mount --bind "$CHECKOUT" "$keep"
 mount -t tmpfs -o mode=1777 tmpfs /tmp
-if [ ! -d "$CHECKOUT/imagefs" ]; then   # a checkout under /tmp: put it back at its path
+mount -t tmpfs -o mode=0755 tmpfs /mnt   # mountpoints of its own: sandboxes run side by side
+if [ ! -d "$CHECKOUT/imagefs" ]; then   # a checkout under /tmp or /mnt: put it back at its path
     mkdir -p "$CHECKOUT"
     mount --bind "$keep" "$CHECKOUT"
 fi
@@ -48,7 +48,6 @@ imagefs_mounts() {   # mountpoints of fuse.imagefs mounts, deepest first
         /proc/self/mountinfo | sort -r
 }
 mounts_before=$(imagefs_mounts)
-mnt_before=$(ls -A /mnt)
 set +e
 (cd "$workdir" && HOME=/tmp/home "$shell" "$script")
 rc=$?
@@ -57,9 +56,6 @@ for mp in $(imagefs_mounts); do
     pid=$(getfattr --only-values -n user.imagefs.pid "$mp" 2>/dev/null)
     umount -l "$mp"
     for i in $(seq 100); do [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-done
-for d in $(ls -A /mnt); do
-    case " $(echo $mnt_before) " in *" $d "*) ;; *) rmdir "/mnt/$d" 2>/dev/null;; esac
 done
 exit $rc
 """

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from imagefs.datastore import open_datastore
-from imagefs.errors import NotFound, ReadOnly
+from imagefs.errors import CorruptDisk, NotFound, ReadOnly
 from imagefs.fuse.errors import IsADirectory, PermissionDenied
 from imagefs.fuse.imports import ImportRegistry
 from imagefs.fuse.inodes import ROOT_INO, is_tree_ino, split_tree_ino, tree_ino
@@ -238,5 +238,30 @@ def test_a_closed_tree_of_an_image_made_again_meanwhile_is_gone(datastore, tmp_p
             ns.resolve(old.ino)                         # forgotten for good
         new = walk(ns, STORE, "images", "idl", "rootfs", "new")
         assert new.ino != old.ino and new.stat.size == 4
+    finally:
+        ns.close()
+
+
+def test_a_lookup_in_a_layer_file_replaced_meanwhile_fails_and_is_not_an_absent_name(datastore, tmp_path):  # noqa: F811
+    """A name is absent (cached by the kernel for LONG) only when the directory was read;
+    a layer file replaced while its image was in use makes the lookup fail instead (the
+    pool's NotFound, which the disk's reads report as CorruptDisk today)."""
+    ds = str(tmp_path / "ds")
+    shutil.copytree(datastore, ds)
+    ns = make_ns(ds, cache_budget=0)                    # every read goes to the layer files
+    try:
+        root = ns.resolve(walk(ns, STORE, "images", "idl", "rootfs").ino)
+        ns.store.disks.max_open = 1                     # idl's layer files are closed, opened again at
+        ns.store.disks.file(f"VIC/{STORE}/images/base/base.vmdk").pread(0, 1)    # their next read
+        images = os.path.join(ds, "VIC", STORE, "images")
+        for image in ("idl", "scratch"):                # same bytes, other files
+            for name in os.listdir(os.path.join(images, image)):
+                path = os.path.join(images, image, name)
+                if os.path.isfile(path):
+                    shutil.copy2(path, path + ".new")
+                    os.replace(path + ".new", path)
+        for name in (b"bin", b"no-such-name"):
+            with pytest.raises((NotFound, CorruptDisk), match="replaced"):
+                root.lookup(ns, name)
     finally:
         ns.close()

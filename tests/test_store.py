@@ -153,12 +153,7 @@ def test_a_lock_waited_for_is_taken_on_the_file_there_now(tmp_path):
     with ds.lock("VIC/t/.lock"):
         thread = threading.Thread(target=waiter)
         thread.start()
-        dev_ino = f":{os.stat(lock_file).st_ino} "
-
-        def waiting():
-            with open("/proc/locks") as f:
-                return any("->" in line and dev_ino in line for line in f)
-        assert wait_for(waiting, timeout=30)            # blocked on the old file's lock
+        assert wait_for(_someone_waits_on(lock_file), timeout=30)     # blocked on the old file's lock
         ds.rmtree("VIC/t")
         ds.mkdir("VIC/t")
     try:
@@ -168,6 +163,43 @@ def test_a_lock_waited_for_is_taken_on_the_file_there_now(tmp_path):
     finally:
         release.set()
         thread.join(30)
+
+
+def test_a_write_waiting_for_a_parent_deleted_meanwhile_says_the_parent_is_gone(tmp_path):
+    """A child's write waits (shared) on the lock its parent's delete holds; the delete
+    removes the parent's directory, lock file and all: the write reports the parent gone
+    (the soak once got a bare ``.children.lock: No such file or directory``)."""
+    st = ImageStore(open_datastore(str(tmp_path / "ds")))
+    st.create_store("s", capacity=SMALL)
+    write(st, "s", "scratch", "p", layer_tar(1))
+    lock_file = tmp_path / "ds" / "VIC" / "s" / "images" / "p" / ".children.lock"
+    outcome = []
+
+    def child():
+        try:
+            write(st, "s", "p", "c", layer_tar(2))
+        except Exception as e:          # noqa: BLE001 - the outcome is what is checked
+            outcome.append(e)
+
+    with st.ds.lock("VIC/s/images/p/.children.lock"):       # what delete_image holds
+        thread = threading.Thread(target=child)
+        thread.start()
+        assert wait_for(_someone_waits_on(lock_file), timeout=60)
+        st.ds.rmtree("VIC/s/images/p")
+    thread.join(60)
+    assert len(outcome) == 1 and isinstance(outcome[0], NotFound), outcome
+    assert str(outcome[0]) == "parent image p not found in store s"
+    st.ds.close()
+
+
+def _someone_waits_on(lock_file):
+    """A check: does a process wait for a flock on ``lock_file`` (a "->" line of /proc/locks)?"""
+    dev_ino = f":{os.stat(lock_file).st_ino} "
+
+    def waiting():
+        with open("/proc/locks") as f:
+            return any("->" in line and dev_ino in line for line in f)
+    return waiting
 
 
 # --- images -----------------------------------------------------------------------------------

@@ -15,10 +15,14 @@ The life of one import (docs/mount.md has the user's view):
    worker has read the tar's end-of-archive marker, so the process that delivered the
    marker (``cat`` in ``sh -c "cat layer.tar > import/x"``) sees the result in its own
    close, even where the shell keeps another descriptor until after ``cat`` exits
-   (dash). Before the marker, a flush commits only if no other descriptor of the file
-   is left (``{ a; b; } > import/x`` flushes after ``a``). A handle opened without
-   O_TRUNC that wrote nothing (``touch``) commits nothing. Zeros written after a
-   commit are the tar's record padding, accepted and dropped; other bytes are EINVAL.
+   (dash). Before the marker, a flush commits only if no other process holds a
+   descriptor of the file (holders.py; ``{ a; b; } > import/x`` flushes after ``a``),
+   and where that cannot be told, the commit waits for ``release``: the kernel sends
+   it once the last reference to the open file is gone, whatever dup() and fork()
+   made, and that close has already returned (the result is in ``.error``).
+   A handle opened without O_TRUNC that wrote nothing (``touch``) commits nothing.
+   Zeros written after a commit are the tar's record padding, accepted and dropped;
+   other bytes are EINVAL.
 4. A failure leaves no image and ``import/<new-id>.error`` with the reason (also logged).
 
 Shutting down aborts the sessions still receiving bytes (the writer undoes its work)
@@ -67,6 +71,7 @@ class ImportRegistry:
         self.nursery = None           # where workers run; set when the mount starts serving
         self.on_finished = None       # callback(session, ok) on the trio thread
         self.closing = False
+        self.device = None            # st_dev of the mount, set when it serves (holders.py needs it)
         self._lock = threading.Lock()
         self._sessions = {}           # (image idx, new id) -> ImportSession
         self._failures = {}           # (image idx, new id) -> Failure
@@ -270,14 +275,14 @@ class ImportSession:
                 await self._done.wait()
                 if self._error is not None:
                     raise self._result_error()
-        suffix = f"/{self.ref.store}/images/{self.ref.id}/import/{self.new_id}"
-        if await trio.to_thread.run_sync(holders.held_elsewhere, suffix, handle.ino):
-            return                     # another descriptor still shares it: commit at its close
+        if await trio.to_thread.run_sync(holders.held_elsewhere, self.new_id, handle.ino, self.registry.device):
+            return                     # another descriptor may share it: commit at its close, or at release
         await self._commit()
 
     def release(self, handle):
         if handle is self._owner and self.state in (PENDING, RECEIVING):
-            # No flush committed (a holder was seen that then went away without a flush of ours).
+            # The last reference to the open file is gone and no flush committed (a holder
+            # was seen, or could not be ruled out): the writer is done, whatever it was.
             self.registry.nursery.start_soon(self._commit_quietly)
 
     async def _commit(self):

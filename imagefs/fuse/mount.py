@@ -135,6 +135,7 @@ async def _serve(ops, mountpoint, ready):
                 serving.start_soon(_serve_requests, serving.cancel_scope)
                 # Ready means answering: the kernel's INIT and a first request went through.
                 st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+                ops.imports.device = st.st_dev          # how holders.py knows this mount's files
                 _widen_readahead(st.st_dev)
                 if ready is not None:
                     ready()

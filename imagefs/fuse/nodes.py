@@ -182,9 +182,8 @@ class TreeNode:
         return Entry(self.ino, self.tree.stat(self.ext4_ino), LONG, LONG)
 
     def lookup(self, ns, name):
-        try:
-            child = self.tree.lookup(self.ext4_ino, name)
-        except NotFound:
+        child = self.tree.find(self.ext4_ino, name)
+        if child is None:       # absent, cached LONG; a layer file replaced meanwhile raises instead
             return None
         return Entry(self.base | child, self.tree.stat(child), LONG, LONG)
 
