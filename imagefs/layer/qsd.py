@@ -16,13 +16,6 @@ is committed before the writer's own fsync of the sealed disk), so the export ru
 (``writer.fsync_file``); a write the datastore cannot take still fails at its write, or
 at that fsync.
 
-A disk the writer has just created (``new_disk``) is read with ``aio=io_uring``, which
-halves the cost of the export's small requests (fuse2fs writes 4 KiB at a time:
-docs/performance.md, "Writing a layer"). Not any other disk: qemu 7.2's io_uring
-retries a read past the end of the file forever (qsd then ignores SIGTERM), so a
-truncated or foreign disk must go through qemu's thread pool, which reports it. Where
-the kernel refuses io_uring, qsd is started again without it.
-
 qsd's exit code alone says little: write errors of the export go to its client (the
 loop device or fuse2fs, whose errors we check), and anything qsd logs is an error too.
 """
@@ -43,12 +36,10 @@ STOP_TIMEOUT = 30.0
 
 
 class StorageDaemon:
-    """``with StorageDaemon(vmdk, workdir) as qsd:`` ... ``qsd.raw`` is the writable raw disk.
-    ``new_disk``: ``vmdk`` was just made by qemu-img (whole and well-formed): use io_uring."""
+    """``with StorageDaemon(vmdk, workdir) as qsd:`` ... ``qsd.raw`` is the writable raw disk."""
 
-    def __init__(self, vmdk: str, work, new_disk: bool = False):
+    def __init__(self, vmdk: str, work):
         self.vmdk = os.path.abspath(vmdk)
-        self._io_uring = new_disk
         self.raw = work.join("disk.raw")
         self._work = work
         self._qmp_path = work.join("qmp.sock")
@@ -72,19 +63,9 @@ class StorageDaemon:
                 self.kill()
 
     def start(self) -> None:
-        try:
-            self._start()
-        except ToolFailed:
-            if not (self._io_uring and self._proc is None and "io_uring" in read_tail(self._log)):
-                raise
-            self._io_uring = False                      # the kernel refuses it: the thread pool
-            self._start()
-
-    def _start(self) -> None:
         open(self.raw, "wb").close()                    # the export's mountpoint
-        aio = ",aio=io_uring" if self._io_uring else ""
         cmd = ["qemu-storage-daemon",
-               "--blockdev", f"driver=file,node-name=f0,filename={_opt(self.vmdk)},cache.no-flush=on{aio}",
+               "--blockdev", f"driver=file,node-name=f0,filename={_opt(self.vmdk)},cache.no-flush=on",
                "--blockdev", "driver=vmdk,node-name=d0,file=f0",
                "--export", f"type=fuse,id=e0,node-name=d0,mountpoint={_opt(self.raw)},writable=on",
                "--chardev", f"socket,id=qmp0,path={_opt(self._qmp_path)},server=on,wait=off",

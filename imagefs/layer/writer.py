@@ -111,7 +111,7 @@ def write_layer(parent_vmdk: str, child_vmdk: str, stream: BinaryIO, *,
         with WorkDir(workdir) as work:
             model = LayerModel(work.join("layer.db"))
             try:
-                with writable_mount(child_vmdk, method=method, work=work, new_disk=True) as layer:
+                with writable_mount(child_vmdk, method=method, work=work) as layer:
                     stats = apply_layer(layer.root, reader, deferred=layer.deferred, model=model)
                     if stats.complete and on_archive_end is not None:
                         on_archive_end()
@@ -182,12 +182,11 @@ def _has_room(child_vmdk: str) -> bool:
 
 @contextmanager
 def writable_mount(vmdk: str, *, method: str | None = None, workdir: str | None = None,
-                   work: WorkDir | None = None, new_disk: bool = False) -> Iterator[MountedLayer]:
+                   work: WorkDir | None = None) -> Iterator[MountedLayer]:
     """Mount the ext4 of ``vmdk`` read-write; on a clean exit seal it (sync and unmount,
     deferred operations, ``e2fsck -fn`` clean, qsd stopped) and make ``vmdk`` durable
     (qsd never flushes it: see qsd.py). On an exception only unwind.
-    ``work`` is the work directory to use (else a new one in ``workdir``); ``new_disk`` says
-    ``vmdk`` was just created by ``create_child_disk`` (qsd.py: it may use io_uring).
+    ``work`` is the work directory to use (else a new one in ``workdir``).
 
     Each resource is started right where its stop is registered, so whatever a failure
     (or a signal) interrupts, exactly what was started is stopped, in reverse order.
@@ -197,7 +196,7 @@ def writable_mount(vmdk: str, *, method: str | None = None, workdir: str | None 
         if work is None:
             work = stack.enter_context(WorkDir(workdir))
         stack.push(_on_success(lambda: fsync_file(vmdk)))         # runs once qsd has exited
-        qsd = stack.enter_context(StorageDaemon(vmdk, work, new_disk=new_disk))
+        qsd = stack.enter_context(StorageDaemon(vmdk, work))
         stack.push(_on_success(lambda: _check_fs(qsd.raw)))
         deferred = DeferredOps(work.path) if method == "fuse2fs" and _defer_privileged() else None
         if deferred is not None:
