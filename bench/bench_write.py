@@ -112,6 +112,7 @@ def bench(name, tar, runs, work, phases):
         stores[m].create_store("bench")
     rows = {"tar": [], **{m: [] for m in METHODS}}
     stages = {m: [] for m in METHODS}
+    load_before = os.getloadavg()[0]
     for run in range(runs):
         rows["tar"].append(time_tar(tar, work))
         for m, st in stores.items():
@@ -122,7 +123,7 @@ def bench(name, tar, runs, work, phases):
                 stages[m].append(phases.take())
     med = {k: statistics.median(v) for k, v in rows.items()}
     print(f"{name}: {os.path.basename(tar)} {os.path.getsize(tar) / 1e6:.0f} MB; {runs} interleaved runs; "
-          f"load {os.getloadavg()[0]:.1f}")
+          f"load {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     labels = {"tar": "tar -xpf + sync", "kernel": "imagefs kernel", "fuse2fs": "imagefs fuse2fs"}
     print(f"  {'method':<18} {'runs (s)':<34} {'median':>7}  ratio to tar")
     for key, times in rows.items():

@@ -20,6 +20,10 @@
 - POSIX ACLs come as xattrs or as SCHILY.acl.* records (tarread turns those into xattrs).
   A new node keeps exactly the ACLs its entry carries: the kernel would otherwise hand it
   its directory's default ACL, and fuse2fs would not, so both writers agree.
+- Each request costs a fuse2fs writer several block reads and writes through the disk
+  export (docs/performance.md, "Writing a layer"), so none is made that changes nothing:
+  owner and mode are set only where the new node's differ, inherited ACLs are dropped only
+  below a directory that has a default ACL (asked once per directory).
 """
 import errno
 import os
@@ -97,6 +101,7 @@ class _Applier:
         self.deferred = deferred
         self.model = model          # real paths this layer unpacked, and what each must hold
         self.stats = ApplyStats(0, 0)
+        self._default_acl: dict[bytes, bool] = {}      # directory real path -> has a default ACL
 
     def close(self):
         self.root.close()
@@ -188,6 +193,8 @@ class _Applier:
 
     def _remove(self, dfd: int, base: bytes, real: bytes, st: os.stat_result) -> None:
         remove_at(dfd, base, st)
+        if stat.S_ISDIR(st.st_mode):
+            self._default_acl.clear()           # rare: forget what was known below it
         self.model.removed(real, subtree=stat.S_ISDIR(st.st_mode))
         if self.deferred is not None:
             self.deferred.forget(real, subtree=stat.S_ISDIR(st.st_mode))
@@ -225,10 +232,11 @@ class _Applier:
             if kind == stat.S_IFREG:
                 self._regular(e, pfd, base, real, tar)
             elif kind == stat.S_IFDIR:
-                created = self._replace(pfd, base, real, lambda: os.mkdir(base, 0o700, dir_fd=pfd),
+                created = self._replace(pfd, base, real, lambda: os.mkdir(base, e.perm & 0o777, dir_fd=pfd),
                                         merge_dir=True)
-                if created:
+                if created and self._inherits_acls(pfd, real):
                     _drop_inherited_acls(b"/proc/self/fd/%d/%s" % (pfd, base), e, directory=True)
+                self._default_acl.pop(real, None)      # its entry may set one
                 xattrs = self._set_meta(e, pfd, base, real, times=False)
                 self._record(real, KIND_DIR, e, xattrs, merged=not created)     # times: set_dir_times
             elif kind == stat.S_IFLNK:
@@ -239,7 +247,8 @@ class _Applier:
                 self._record(real, KIND_LNK, e, xattrs, target=e.symlink)
             elif kind == stat.S_IFIFO:
                 self._replace(pfd, base, real, lambda: os.mkfifo(base, 0o600, dir_fd=pfd))
-                _drop_inherited_acls(b"/proc/self/fd/%d/%s" % (pfd, base), e)
+                if self._inherits_acls(pfd, real):
+                    _drop_inherited_acls(b"/proc/self/fd/%d/%s" % (pfd, base), e)
                 self._record(real, KIND_FIFO, e, self._set_meta(e, pfd, base, real))
             elif self.deferred is not None:     # a device node, without the privilege to make it
                 self._replace(pfd, base, real, lambda: _absent(pfd, base))
@@ -251,7 +260,8 @@ class _Applier:
             else:
                 dev = os.makedev(e.rdev_major, e.rdev_minor)
                 self._replace(pfd, base, real, lambda: os.mknod(base, kind | 0o600, dev, dir_fd=pfd))
-                _drop_inherited_acls(b"/proc/self/fd/%d/%s" % (pfd, base), e)
+                if self._inherits_acls(pfd, real):
+                    _drop_inherited_acls(b"/proc/self/fd/%d/%s" % (pfd, base), e)
                 self._record(real, _DEVICE_KINDS[kind], e, self._set_meta(e, pfd, base, real), rdev=dev)
         finally:
             os.close(pfd)
@@ -262,10 +272,14 @@ class _Applier:
 
     def _regular(self, e: Entry, pfd: int, base: bytes, real: bytes, tar: TarStream) -> None:
         fds = []
-        self._replace(pfd, base, real, lambda: fds.append(os.open(base, _NEW_FILE, 0o600, dir_fd=pfd)))
+        # made with its final permission bits (the umask allowing) so that fchmod is rarely needed
+        self._replace(pfd, base, real, lambda: fds.append(os.open(base, _NEW_FILE, e.perm & 0o777, dir_fd=pfd)))
         fd = fds[0]
         digest = DataDigest()
         try:
+            if self._inherits_acls(pfd, real):
+                _drop_inherited_acls(fd, e)
+            made = os.fstat(fd)                 # owner and mode as made
             end = 0
             for offset, block in tar.data_blocks():
                 if offset < end:
@@ -276,9 +290,11 @@ class _Applier:
                 self.stats.bytes += len(block)
             if end < e.size:                    # a trailing hole of a sparse file
                 os.ftruncate(fd, e.size)
-            _drop_inherited_acls(fd, e)
-            os.fchown(fd, e.uid, e.gid)
-            os.fchmod(fd, e.perm)
+            chown, chmod = _owner_mode_changes(made, e)
+            if chown:
+                os.fchown(fd, e.uid, e.gid)
+            if chmod:
+                os.fchmod(fd, e.perm)
             xattrs = self._set_xattrs(fd, real, e.xattrs)
             os.utime(fd, ns=(e.atime_ns, e.mtime_ns))
         finally:
@@ -334,8 +350,10 @@ class _Applier:
     def _set_meta(self, e: Entry, pfd: int, base: bytes, real: bytes, *,
                   symlink: bool = False, times: bool = True) -> list[tuple[str, bytes]]:
         """Owner, mode, xattrs and times from the entry; the xattrs set (or deferred)."""
-        os.chown(base, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
-        if not symlink:
+        chown, chmod = _owner_mode_changes(os.lstat(base, dir_fd=pfd), e)
+        if chown:
+            os.chown(base, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
+        if chmod and not symlink:
             os.chmod(base, e.perm, dir_fd=pfd)      # not a symlink: nothing to follow
         xattrs = []
         if e.xattrs:
@@ -366,6 +384,21 @@ class _Applier:
             done.append((xname, value))
         return done
 
+    def _inherits_acls(self, pfd: int, real: bytes) -> bool:
+        """Does a node made in ``real``'s parent (open at ``pfd``) inherit a default ACL?"""
+        parent = split(real)[0] if real else b""
+        known = self._default_acl.get(parent)
+        if known is None:
+            try:
+                os.getxattr(b"/proc/self/fd/%d" % pfd, ACL_DEFAULT_XATTR)
+                known = True
+            except OSError as err:
+                if err.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                    raise
+                known = False
+            self._default_acl[parent] = known
+        return known
+
     def set_dir_times(self) -> None:
         for real, atime_ns, mtime_ns in self.model.dir_times():
             parent, base = split(real) if real else (b"", b".")
@@ -381,6 +414,13 @@ class _Applier:
                 raise _translate(err, real) from None
             finally:
                 os.close(pfd)
+
+
+def _owner_mode_changes(made: os.stat_result, e: Entry) -> tuple[bool, bool]:
+    """(chown needed, chmod needed) for a node as ``made`` to get ``e``'s owner and mode;
+    a chown clears setuid and setgid, so the mode is set again after one."""
+    chown = (made.st_uid, made.st_gid) != (e.uid, e.gid)
+    return chown, chown or stat.S_IMODE(made.st_mode) != e.perm
 
 
 def _drop_inherited_acls(target: int | bytes, e: Entry, directory: bool = False) -> None:
