@@ -55,6 +55,7 @@ ITABLE_READ = 64 << 10          # bytes of inode table read (and cached) at once
 MAX_EXTENT_NODES = 65536
 MAX_EXTENTS = 1 << 16
 MAX_DIR_BYTES = 64 << 20
+ADVISE_DIR_BYTES = 1 << 20      # what listing a directory announces of each subdirectory
 MAX_SYMLINK = 4096
 MAX_XATTR_VALUE = 65536
 
@@ -404,6 +405,25 @@ def _walk_extents(geo, node, runs, tree_blocks, depth_left):
             if len(child) != geo.block_size or _EXT_HEADER.unpack_from(child, 0)[3] != depth - 1:
                 raise CorruptDisk(f"bad extent tree block {block}")
             _walk_extents(geo, child, runs, tree_blocks, depth_left - 1)
+
+
+def advise_dir_blocks(geo, rec):
+    """Announce the blocks of a directory whose extents sit in its inode (the usual case):
+    a walk lists it next, and by then they come from the page cache, not one cold read
+    after another. A directory with an extent tree is left alone (its map needs reads)."""
+    flags, = struct.unpack_from("<I", rec, 0x20)
+    if not flags & EXTENTS_FL or flags & INLINE_DATA_FL:
+        return
+    magic, entries, _max, depth, _gen = _EXT_HEADER.unpack_from(rec, 0x28)
+    if magic != _EXTENT_MAGIC or depth != 0 or entries > 4:
+        return
+    bs = geo.block_size
+    n_blocks = -(-min(size_of(rec), ADVISE_DIR_BYTES) // bs)     # a hostile size cannot flood the cache
+    for i in range(entries):
+        lblk, length, start_hi, start_lo = _EXT_ENTRY.unpack_from(rec, 0x28 + 12 + i * 12)
+        count = min(length, n_blocks - lblk)
+        if length <= 32768 and count > 0:       # longer: uninitialized, reads as zeros
+            geo.chain.advise(((start_hi << 32) | start_lo) * bs, count * bs)
 
 
 def read_dir(geo, rec, runs):

@@ -111,7 +111,11 @@ class ImageTree:
         children, bs = self.readdir(ino), self.block_size
         try:
             records = self.geo.records([child for _, child in children])
-            return tuple((name, ext4.decode_stat(rec, child, bs)) for (name, child), rec in zip(children, records))
+            out = tuple((name, ext4.decode_stat(rec, child, bs)) for (name, child), rec in zip(children, records))
+            for (_, st), rec in zip(out, records):
+                if st.is_dir:
+                    ext4.advise_dir_blocks(self.geo, rec)   # the walk lists the subdirectories next
+            return out
         except CorruptDisk as e:
             raise CorruptDisk(f"{self.name}: directory inode {ino}: {e}") from None
 

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from imagefs import ext4
 from imagefs.datastore import open_datastore
 from imagefs.datastore.local import LocalReadHandle
 from imagefs.errors import NotFound
@@ -248,3 +249,29 @@ def test_a_chain_reads_each_layers_grain_tables_in_few_reads(tmp_path):
         assert all(layer.extents[0].table(t) is None for layer in chain.layers for t in range(8))
     finally:
         chain.close()
+
+
+def test_listing_a_directory_announces_the_blocks_of_its_subdirectories(tmp_path):
+    """A walk lists a directory's subdirectories next: their blocks are announced to the
+    layer files when the directory is listed, so that each is not one cold read after the
+    other. Exactly their blocks: nothing of files, nothing of the directory itself."""
+    st = ImageStore(open_datastore(str(tmp_path)))
+    st.create_store("s", capacity="64MiB")
+    members = [("top", "dir", {"mode": 0o755}), ("top/file", "file", {"data": b"x" * 10000})]
+    for i in range(3):
+        members.append((f"top/sub{i}", "dir", {"mode": 0o755}))
+        members += [(f"top/sub{i}/entry-with-a-long-name-{j:04d}", "file", {"data": b""}) for j in range(150)]
+    st.write_image("s", "scratch", "img", io.BytesIO(make_tar(members)))
+    tree = st.tree("s", "img")
+    announced = []
+    real_advise = tree.geo.chain.advise
+    tree.geo.chain.advise = lambda offset, length: (announced.append((offset, length)), real_advise(offset, length))
+
+    names = dict(tree.entries(tree.resolve("/top")))
+    bs = tree.block_size
+    expected = set()
+    for i in range(3):
+        runs, _ = ext4.extent_map(tree.geo, tree._raw_inode(names[f"sub{i}".encode()].ino))
+        expected |= {(pblk * bs, count * bs) for _lblk, pblk, count in runs}
+    assert len(expected) >= 3 and sum(n for _, n in expected) >= 3 * 2 * bs     # 150 long names: 2+ blocks each
+    assert set(announced) == expected
