@@ -410,20 +410,19 @@ def _walk_extents(geo, node, runs, tree_blocks, depth_left):
 def advise_dir_blocks(geo, rec):
     """Announce the blocks of a directory whose extents sit in its inode (the usual case):
     a walk lists it next, and by then they come from the page cache, not one cold read
-    after another. A directory with an extent tree is left alone (its map needs reads)."""
-    flags, = struct.unpack_from("<I", rec, 0x20)
-    if not flags & EXTENTS_FL or flags & INLINE_DATA_FL:
+    after another. A directory with an extent tree is left alone (its map needs reads),
+    and so is a broken one (listing it will say so)."""
+    if _EXT_HEADER.unpack_from(rec, 0x28)[3] != 0:
         return
-    magic, entries, _max, depth, _gen = _EXT_HEADER.unpack_from(rec, 0x28)
-    if magic != _EXTENT_MAGIC or depth != 0 or entries > 4:
+    try:
+        mapped = extent_map(geo, rec)
+    except CorruptDisk:
         return
-    bs = geo.block_size
-    n_blocks = -(-min(size_of(rec), ADVISE_DIR_BYTES) // bs)     # a hostile size cannot flood the cache
-    for i in range(entries):
-        lblk, length, start_hi, start_lo = _EXT_ENTRY.unpack_from(rec, 0x28 + 12 + i * 12)
-        count = min(length, n_blocks - lblk)
-        if length <= 32768 and count > 0:       # longer: uninitialized, reads as zeros
-            geo.chain.advise(((start_hi << 32) | start_lo) * bs, count * bs)
+    if mapped is not None:
+        bs = geo.block_size
+        # at most ADVISE_DIR_BYTES each: a hostile directory size cannot flood the page cache
+        for pblk, count in _dir_blocks(rec, mapped[0], bs, ADVISE_DIR_BYTES):
+            geo.chain.advise(pblk * bs, count * bs)
 
 
 def read_dir(geo, rec, runs):
@@ -431,17 +430,23 @@ def read_dir(geo, rec, runs):
     bs = geo.block_size
     if size_of(rec) > MAX_DIR_BYTES:
         raise CorruptDisk(f"directory of {size_of(rec)} bytes is larger than imagefs reads")
-    n_blocks = -(-size_of(rec) // bs)
     entries = []
-    for lblk, pblk, count in runs:
-        count = min(count, n_blocks - lblk)
-        if count <= 0 or pblk is None:
-            continue
+    for pblk, count in _dir_blocks(rec, runs, bs, MAX_DIR_BYTES):
         data = geo.chain.pread(pblk * bs, count * bs)
         for start in range(0, len(data), bs):
             _parse_dir_block(data, start, start + bs, entries)
     _check_unique(entries)
     return entries
+
+
+def _dir_blocks(rec, runs, bs, max_bytes):
+    """(physical block, count) of a directory's data: its extent runs cut at its size (or at
+    ``max_bytes``), unwritten ones left out."""
+    n_blocks = -(-min(size_of(rec), max_bytes) // bs)
+    for lblk, pblk, count in runs:
+        count = min(count, n_blocks - lblk)
+        if count > 0 and pblk is not None:
+            yield pblk, count
 
 
 def parse_dir_data(data, block_size, entries):

@@ -294,13 +294,14 @@ class Namespace:
         if self._group_writes and node.writable:
             mode |= 0o020
         size = node.size(self)
-        mtime = self._listing_mtime(node) if node.listing_changes else self._time_ns
+        mtime = self.note_listing(node, node.names(self)) if node.listing_changes else self._time_ns
         return Stat(ino=0, mode=mode, nlink=2 if S.S_ISDIR(mode) else 1, uid=self._uid, gid=self._gid, rdev=0,
                     size=size, blocks=(size + 511) // 512, atime_ns=self._time_ns, mtime_ns=mtime,
                     ctime_ns=mtime)
 
-    def _listing_mtime(self, node):
-        """The mtime of a directory whose names come and go: it moves on when they change.
+    def note_listing(self, node, names):
+        """Note the names a changing directory holds (looked at, or listed for the kernel) and
+        return its mtime, which moves on when they change.
 
         The kernel keeps every directory listing it has read (the mount answers opendir
         with ENOSYS: FUSE's no-opendir mode) and, when a reading starts, trusts it as long
@@ -311,11 +312,6 @@ class Namespace:
         changed outside the mount is read again within a second. Changes through the mount
         show at once: the kernel drops the listing after its own mkdir/rmdir/create/unlink,
         and the end of an import drops the attributes (ops.py)."""
-        return self.note_listing(node, node.names(self))
-
-    def note_listing(self, node, names):
-        """Note the names a changing directory holds (looked at, or listed for the kernel);
-        returns its mtime."""
         ino = self.ino_of(node)
         digest = hash(tuple(names))
         with self._lock:

@@ -14,6 +14,7 @@ becomes EIO. The daemon never dies of a request.
 import errno
 import functools
 import logging
+import stat
 
 import pyfuse3
 import trio
@@ -74,6 +75,16 @@ def _attributes(entry):
     a.st_atime_ns = st.atime_ns
     a.st_mtime_ns = st.mtime_ns
     a.st_ctime_ns = st.ctime_ns
+    return a
+
+
+def _dot_attributes(ino):
+    """"." and ".." of a listing, for ls -a. The kernel resolves both itself and takes
+    nothing from them but the entry's type, so they need no stat (which, for a directory
+    whose names change, would list it a second time)."""
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = ino
+    a.st_mode = stat.S_IFDIR
     return a
 
 
@@ -185,9 +196,8 @@ class Operations(pyfuse3.Operations):
         entries = self.listings.continued(ino) if start_id else None
         if entries is None:
             node = await self._resolve(ino)
-            listing, own = await _call(node, lambda: (node.listdir(self.ns), node.getattr(self.ns)))
-            # "." and ".." for ls -a; the kernel resolves both itself and ignores their attributes
-            dots = _attributes(own)
+            listing = await _call(node, node.listdir, self.ns)
+            dots = _dot_attributes(ino)
             entries = [(b".", dots), (b"..", dots)] + [(name, _attributes(e)) for name, e in listing]
             self.listings.start(ino, entries)
         if start_id >= len(entries):
