@@ -275,3 +275,19 @@ def test_listing_a_directory_announces_the_blocks_of_its_subdirectories(tmp_path
         expected |= {(pblk * bs, count * bs) for _lblk, pblk, count in runs}
     assert len(expected) >= 3 and sum(n for _, n in expected) >= 3 * 2 * bs     # 150 long names: 2+ blocks each
     assert set(announced) == expected
+
+
+def test_an_image_whose_layer_file_was_deleted_meanwhile_reads_as_not_found(tmp_path):
+    """The pool reads a layer file deleted meanwhile as NotFound; the disk and chain readers
+    above it turned that into CorruptDisk (EIO through the mount, as for a broken disk).
+    Found by the 60-s soak: an export of an image the CLI deleted meanwhile got EIO."""
+    st = ImageStore(open_datastore(str(tmp_path)))
+    st.create_store("s", capacity="64MiB")
+    st.write_image("s", "scratch", "img", io.BytesIO(make_tar([("data", "file", {"data": DATA})])))
+    tree = st.tree("s", "img")
+    ino = tree.resolve("/data")
+    st.disks.max_open = 1
+    st.disks.file("VIC/s/images/scratch/scratch.vmdk").pread(0, 1)     # takes the only slot
+    os.unlink(tmp_path / "VIC" / "s" / "images" / "img" / "img.vmdk")
+    with pytest.raises(NotFound, match="deleted while its image was in use"):
+        tree.read(ino, 0, len(DATA))

@@ -15,7 +15,7 @@ chain's depth. Reads are positional (``pread``) and as large as the map allows.
 import threading
 from bisect import bisect_right
 
-from ..errors import CorruptDisk
+from ..errors import CorruptDisk, NotFound
 from .disk import Disk
 from .runs import DATA, DEFLATE, HOLE, ZERO
 
@@ -122,6 +122,8 @@ class DiskChain:
                 if kind == DATA:
                     try:
                         data = src.pread(where + (offset - start), take)
+                    except NotFound:
+                        raise               # its image was deleted while in use (diskpool.py)
                     except OSError as err:
                         raise CorruptDisk(f"{src.path}: read failed: {err.strerror or err}") from None
                     if len(data) != take:

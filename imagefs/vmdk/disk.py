@@ -9,7 +9,7 @@ import posixpath
 from bisect import bisect_right
 from dataclasses import dataclass
 
-from ..errors import CorruptDisk
+from ..errors import CorruptDisk, NotFound
 from . import cowd, hosted_sparse, sesparse
 from .descriptor import MAX_DESCRIPTOR, NO_PARENT_CID, Descriptor, ExtentLine, parse_descriptor
 from .flat import FlatExtent, ZeroExtent
@@ -286,6 +286,8 @@ class _CheckedHandle:
             raise CorruptDisk(f"{self.path}: read at offset {offset} is beyond any disk file")
         try:
             return self._handle.pread(offset, length)
+        except NotFound:
+            raise                   # its image was deleted while in use (diskpool.py)
         except OSError as e:
             raise CorruptDisk(f"{self.path}: read failed: {e.strerror or e}") from None
 
