@@ -226,7 +226,10 @@ class ImageStore:
         if not self.ds.is_dir(_images_dir(name)):
             raise NotFound(f"image store {name} not found")
         if self._recover and name not in self._cleaned:
-            self._cleanup(name)
+            try:
+                self._cleanup(name)
+            except NotFound:            # deleted by another process since the check above
+                raise NotFound(f"image store {name} not found") from None
             self._cleaned.add(name)
         return name
 

@@ -165,6 +165,31 @@ def test_a_lock_waited_for_is_taken_on_the_file_there_now(tmp_path):
         thread.join(30)
 
 
+def test_a_lock_waited_for_in_a_directory_deleted_meanwhile_says_it_is_gone(tmp_path):
+    """Two deletes of one store at once: the second waits for the store's lock, the first
+    removes the store, lock file and all. The second then says the store's directory is
+    gone (NotFound), not a bare "No such file or directory" (found by the 60-s soak)."""
+    ds = open_datastore(str(tmp_path))
+    ds.mkdir("VIC/t", parents=True)
+    failed = []
+
+    def waiter():
+        try:
+            with ds.lock("VIC/t/.lock"):
+                pass
+        except Exception as e:          # noqa: B902 - what the waiter met is the result
+            failed.append(e)
+
+    with ds.lock("VIC/t/.lock"):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        assert wait_for(_someone_waits_on(tmp_path / "VIC" / "t" / ".lock"), timeout=30)
+        ds.rmtree("VIC/t")
+    thread.join(30)
+    assert len(failed) == 1 and isinstance(failed[0], NotFound), failed
+    assert str(failed[0]) == "VIC/t: no such directory"
+
+
 def test_a_write_waiting_for_a_parent_deleted_meanwhile_says_the_parent_is_gone(tmp_path):
     """A child's write waits (shared) on the lock its parent's delete holds; the delete
     removes the parent's directory, lock file and all: the write reports the parent gone

@@ -250,6 +250,8 @@ class LocalDatastore(Datastore):
             p = self._unlinked_path(path)
             try:
                 fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            except FileNotFoundError:       # its directory is gone (deleted, maybe while this waited)
+                raise NotFound(f"{os.path.dirname(path)}: no such directory") from None
             except OSError as e:
                 if e.errno != errno.ELOOP:
                     raise

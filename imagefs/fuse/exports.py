@@ -16,7 +16,7 @@ import logging
 
 import trio
 
-from ..errors import CorruptDisk, ImageFSError
+from ..errors import CorruptDisk, NotFound
 from .errors import Canceled, TooManyOpen, Unseekable
 
 log = logging.getLogger("imagefs.fuse.exports")
@@ -57,9 +57,9 @@ class ExportStream:
                     raise Canceled(f"{self.name}: export stopped: imagefs is unmounting") from None
                 self._forget_before(off - WINDOW)     # what a skip passes over is not kept
             if self._error is not None and self._base + len(self._data) <= off:
-                failure = CorruptDisk(f"{self.name}: export failed: {self._error}")
-                if isinstance(self._error, ImageFSError):
-                    failure.errno = self._error.errno     # e.g. ENOENT: its image was deleted meanwhile
+                failure = CorruptDisk(f"{self.name}: export failed: {self._error}")     # EIO
+                if isinstance(self._error, NotFound):
+                    failure.errno = NotFound.errno      # its image was deleted meanwhile: ENOENT
                 raise failure
             start = max(0, off - self._base)
             out = bytes(self._data[start: max(start, end - self._base)])
